@@ -1,0 +1,138 @@
+"""Command line: ``arcflow {train,sample,tiny-flux,demo}``; ``tools/*.py`` call into here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from mmengine.config import DictAction
+
+from arcflow.config import RunConfig, load_config, resolve_dirs
+
+DEMO_CONFIG = "configs/demo/arcflux_tiny_2nfe.py"
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="run config (Python file with _base_ inheritance)")
+    parser.add_argument("--work-dir", help="put everything of this run (logs, checkpoints, samples) here")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                        help="override config keys, e.g. optimizer.lr=5e-5 train_cfg.batch_size=2")
+    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+                        help="'pytorch': started by torchrun")
+    parser.add_argument("--seed", type=int, help="overrides train_cfg.seed")
+    parser.add_argument("--diff_seed", action="store_true", help="give each rank its own seed (seed + rank)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    options = dict(args.cfg_options or {})
+    if getattr(args, "seed", None) is not None:
+        options["train_cfg.seed"] = args.seed
+    return resolve_dirs(load_config(args.config, options), args.work_dir)
+
+
+def run_train(args: argparse.Namespace) -> RunConfig:
+    from arcflow.trainer import Trainer
+
+    cfg = config_from_args(args)
+    rank = 0
+    if args.launcher == "pytorch":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size != 1:
+            raise SystemExit(f"--launcher pytorch with WORLD_SIZE={world_size}: this version trains in one process; "
+                             "run torchrun with --nproc_per_node=1 --nnodes=1")
+        rank = int(os.environ.get("RANK", "0"))
+    Trainer(cfg, device=_default_device(), seed_offset=rank if args.diff_seed else 0).fit()
+    return cfg
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    from arcflow.inference import generate
+
+    cfg = resolve_dirs(load_config(args.config, dict(args.cfg_options or {})), None)
+    out = generate(cfg, args.ckpt, args.prompt, args.nfe, args.out, height=args.height, width=args.width,
+                   seed=args.seed, device=_default_device())
+    print(f"wrote {out}")
+
+
+def run_tiny_flux(args: argparse.Namespace) -> None:
+    from arcflow.tiny_flux import make_tiny_flux
+
+    print(f"wrote {make_tiny_flux(args.out_dir, seed=args.seed)}")
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    """Make the tiny FLUX if absent, distil it, and print the teacher-alignment table."""
+    from arcflow.tiny_flux import make_tiny_flux
+
+    cfg_options = dict(args.cfg_options or {})
+    probe = load_config(args.config, cfg_options)
+    if not Path(probe.model.pretrained, "model_index.json").is_file():
+        print(f"making the tiny FLUX-architecture model in {probe.model.pretrained}")
+        make_tiny_flux(probe.model.pretrained, seed=0)
+    train_args = argparse.Namespace(config=args.config, work_dir=args.work_dir, cfg_options=cfg_options,
+                                    launcher="none", seed=None, diff_seed=False)
+    cfg = run_train(train_args)
+    print(alignment_table(Path(cfg.work_dir) / "val_metrics.jsonl"))
+
+
+def alignment_table(val_metrics: Path) -> str:
+    """Markdown table: the student's alignment at the first and last validation, and the teacher's few-step Euler."""
+    records = [json.loads(line) for line in val_metrics.read_text().splitlines() if line.strip()]
+    first, last = records[0], records[-1]
+    names = sorted({key.split("/")[0] for key in last if "/" in key})
+    lines = ["| sampler | iteration | latent MSE vs teacher (lower is better) | PSNR dB vs teacher |",
+             "| --- | --- | --- | --- |"]
+    for name in names:
+        rows = [first, last] if name.startswith("student") else [last]
+        for record in rows:
+            lines.append(f"| {name} | {record['iter']} | {record[name + '/latent_mse']:.5f} "
+                         f"| {record[name + '/psnr']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="arcflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="distil a teacher into an ArcFlow student")
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+
+    sample = commands.add_parser("sample", help="generate from a training checkpoint (EMA weights)")
+    sample.add_argument("config")
+    sample.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
+    sample.add_argument("--prompt", nargs="+", required=True)
+    sample.add_argument("--nfe", type=int, default=2)
+    sample.add_argument("--height", type=int, default=1024)
+    sample.add_argument("--width", type=int, default=1024)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    sample.set_defaults(func=run_sample)
+
+    tiny = commands.add_parser("tiny-flux", help="write a tiny random FLUX-architecture diffusers pipeline")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=run_tiny_flux)
+
+    demo = commands.add_parser("demo", help="distil the tiny FLUX on this machine and print the result")
+    demo.add_argument("--config", default=DEMO_CONFIG)
+    demo.add_argument("--work-dir")
+    demo.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    demo.set_defaults(func=run_demo)
+
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

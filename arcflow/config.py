@@ -1,0 +1,223 @@
+"""Run configuration: OpenMMLab-style Python files (``_base_`` inheritance) read by mmengine,
+then checked against typed dataclasses so that a misspelt key fails at start-up, naming the
+key and the nearest valid one, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.config import Config
+
+
+@dataclass
+class TextEncoderConfig:
+    """Embed prompts on the fly (no cache). ``pretrained`` defaults to the model's."""
+
+    type: str = "PretrainedFluxTextEncoder"
+    pretrained: str | None = None
+    max_sequence_length: int = 512
+    dtype: str | None = None
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "flux"
+    pretrained: str = "black-forest-labs/FLUX.1-dev"
+    """Hub id or local diffusers folder: the only difference between a tiny and a real run."""
+    num_modes: int = 16
+    lora_rank: int = 256
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    guidance: float = 3.5
+    dtype: str = "bfloat16"
+    """dtype of the frozen weights and of compute; trainable parameters stay float32."""
+    gradient_checkpointing: bool = False
+    text_encoder: TextEncoderConfig | None = None
+
+
+@dataclass
+class DistillConfig:
+    """SPEC §3-§4: the n-NFE schedule and the imitation rollout."""
+
+    nfe: int = 2
+    timestep_ratio: float = 1.0
+    shift: float = 3.2
+    teacher_ratio_decay_iters: int = 2000
+    num_states: int = 4
+    window_substeps: int = 3
+    total_substeps: int = 128
+    dropout: float = 0.1
+    loss_scale: float = 30.0
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "AdamW"
+    """"AdamW" (torch) or "AdamW8bit" (bitsandbytes; CUDA only, falls back to AdamW on CPU)."""
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    rates_lr_mult: float = 0.1
+    warmup_iters: int = 100
+    warmup_start_factor: float = 0.001
+    grad_clip: float = 50.0
+    grad_clip_start_iter: int = 100
+
+
+@dataclass
+class EMAConfig:
+    gamma: float = 7.0
+    """beta(n) = (1 - 1/n)^(gamma + 1) after n updates."""
+    start_iter: int = 100
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    """Prompts per process per iteration."""
+    grad_accum_batch_size: int | None = None
+    """Process the batch in micro-batches of this size: same gradient, less memory."""
+    seed: int = 42
+
+
+@dataclass
+class PromptsConfig:
+    """A plain prompt file: one prompt per line, or JSONL with prompt/height/width."""
+
+    prompt_file: str = ""
+    height: int = 1024
+    width: int = 1024
+    start_ind: int = 0
+    end_ind: int | None = None
+    repeat: int = 1
+
+
+@dataclass
+class DataConfig:
+    train: PromptsConfig = field(default_factory=PromptsConfig)
+    val: PromptsConfig = field(default_factory=PromptsConfig)
+
+
+@dataclass
+class ValConfig:
+    num_prompts: int = 8
+    batch_size: int = 4
+    teacher_steps: int = 128
+    nfe: tuple[int, ...] = (2,)
+    seed: int = 0
+    """Fixed validation noise, so images are comparable across iterations and runs."""
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 1
+    keep_every: int | None = 1000
+    """Also keep every checkpoint whose iteration is a multiple of this."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train_cfg: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    val_cfg: ValConfig = field(default_factory=ValConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    name: str = ""
+    work_dir: str = ""
+    """Logs, metrics, TensorBoard and samples; empty means work_dirs/{name}."""
+    checkpoint_dir: str = ""
+    """Empty means checkpoints/{name}, or {work_dir}/checkpoints when --work-dir is given."""
+    total_iters: int = 10000
+    save_interval: int = 500
+    eval_interval: int = 500
+    log_interval: int = 1
+
+
+def _error(path: str, message: str) -> ValueError:
+    return ValueError(f"config key '{path}': {message}")
+
+
+def _build(tp: Any, value: Any, path: str, source: str) -> Any:
+    """Convert a plain config value to type ``tp``, naming the key on any mismatch."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = [t for t in options if t is not type(None)]
+        return _build(inner[0], value, path, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _error(path, f"expected a dict, got {value!r} ({source})")
+        return _from_dict(tp, value, path, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _error(path, f"expected a list or tuple, got {value!r} ({source})")
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if args[-1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise _error(path, f"expected {len(item_types)} values, got {value!r} ({source})")
+        return tuple(_build(t, v, f"{path}[{i}]", source) for i, (t, v) in enumerate(zip(item_types, value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise _error(path, f"expected {tp.__name__}, got {value!r} ({source})")
+    return value
+
+
+def _from_dict(cls: type, values: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+            raise ValueError(f"unknown config key '{path}' in {source}{hint} (valid keys here: {', '.join(names)})")
+        kwargs[key] = _build(hints[key], value, path, source)
+    return cls(**kwargs)
+
+
+def load_config(path: str | os.PathLike, options: dict[str, Any] | None = None) -> RunConfig:
+    """Read a config file, apply ``--cfg-options`` overrides, and validate every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    cfg = Config.fromfile(str(path))
+    if options:
+        cfg.merge_from_dict(options)
+    values = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
+    values.setdefault("name", path.stem)
+    return _from_dict(RunConfig, values, "", str(path))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype named in the config ('bfloat16', 'float32', ...)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"config dtype {name!r} is not a torch dtype (e.g. 'bfloat16', 'float32')")
+    return dtype
+
+
+def resolve_dirs(cfg: RunConfig, work_dir: str | None) -> RunConfig:
+    """Apply the default layout: ``--work-dir`` holds everything of the run."""
+    if work_dir:
+        return dataclasses.replace(cfg, work_dir=work_dir, checkpoint_dir=str(Path(work_dir) / "checkpoints"))
+    return dataclasses.replace(
+        cfg,
+        work_dir=cfg.work_dir or str(Path("work_dirs") / cfg.name),
+        checkpoint_dir=cfg.checkpoint_dir or str(Path("checkpoints") / cfg.name),
+    )
