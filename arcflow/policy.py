@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# Below this |z| the closed form of log(phi(z)) is 0/0 at z = 0; the series is exact
-# to ~z^3/24 there, far below float64 rounding of the caller's tolerances.
-_SERIES_THRESHOLD = 1e-4
+# Below this |z| the closed form of log(phi(z)) loses precision (0/0 at z = 0, and its
+# float32 gradient cancels); there the Taylor series z/2 + z^2/24 - z^4/2880 is used, whose
+# next term (z^6/181440) is below 1e-17 at the threshold.
+_SERIES_THRESHOLD = 1e-2
 
 
 def log_phi(z: Tensor) -> Tensor:
@@ -24,7 +25,8 @@ def log_phi(z: Tensor) -> Tensor:
     a = z_safe.abs()
     closed_form = torch.relu(z_safe) + torch.log(-torch.expm1(-a) / a)
     z_small = torch.where(small, z, torch.zeros_like(z))
-    series = torch.log1p(z_small / 2 + z_small * z_small / 6)
+    z2 = z_small * z_small
+    series = z_small / 2 + z2 / 24 - z2 * z2 / 2880
     return torch.where(small, series, closed_form)
 
 
@@ -48,11 +50,13 @@ class ArcFlowPolicy:
     """
 
     def __init__(self, means: Tensor, logits: Tensor, rates: Tensor, sigma_src: Tensor):
-        batch, num_modes = means.shape[:2]
-        if logits.shape[:2] != (batch, num_modes) or logits.shape[2] != 1:
-            raise ValueError(f"logits must be (B, K, 1, H, W) = ({batch}, {num_modes}, 1, ...); got {tuple(logits.shape)}")
-        if rates.shape[:2] != (batch, num_modes - 1) or rates.shape[2] != 1:
-            raise ValueError(f"rates must be (B, K-1, 1, H, W) = ({batch}, {num_modes - 1}, 1, ...); got {tuple(rates.shape)}")
+        if means.dim() != 5:
+            raise ValueError(f"means must be (B, K, C, H, W); got {tuple(means.shape)}")
+        batch, num_modes, _, height, width = means.shape
+        expected = {"logits": (batch, num_modes, 1, height, width), "rates": (batch, num_modes - 1, 1, height, width)}
+        for name, tensor in (("logits", logits), ("rates", rates)):
+            if tuple(tensor.shape) != expected[name]:
+                raise ValueError(f"{name} must have shape {expected[name]}; got {tuple(tensor.shape)}")
         if sigma_src.shape != (batch,):
             raise ValueError(f"sigma_src must have shape ({batch},); got {tuple(sigma_src.shape)}")
         self.means = means
@@ -66,7 +70,7 @@ class ArcFlowPolicy:
 
     def _all_rates(self) -> Tensor:
         """Rates of all K modes, mode 1 fixed at 0: (B, K, 1, H, W)."""
-        zero = torch.zeros_like(self.rates[:, :1])
+        zero = torch.zeros_like(self.logits[:, :1])
         return torch.cat([zero, self.rates], dim=1)
 
     def average_velocity(self, sigma_from: Tensor, sigma_to: Tensor) -> Tensor:

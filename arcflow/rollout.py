@@ -79,7 +79,10 @@ def segment_loss(
     ``(loss, x_next)`` with x_next at tau_src - segment (clamped to 0).
     """
     batch = x_src.shape[0]
-    sigma = lambda tau: shifted_sigma(tau, cfg.shift)  # noqa: E731
+
+    def sigma(tau: Tensor) -> Tensor:
+        return shifted_sigma(tau, cfg.shift)
+
     num_substeps = max(round(segment * cfg.total_substeps), 1)
     window = min(cfg.window_substeps * segment / num_substeps, segment)
     rollout_span = torch.full_like(tau_src, segment - window)
@@ -95,13 +98,13 @@ def segment_loss(
         tau_end = tau_b - window  # may dip slightly below 0 on the last segment; not clamped
         with torch.no_grad():
             x_a = rollout_policy.integrate(x, sigma(tau), sigma(tau_a))
-            u_teacher = teacher(x_a, sigma(tau_a)).float()
+            u_teacher = teacher(x_a, sigma(tau_a)).to(x_a.dtype)
         too_short = torch.round((tau_a - tau_end) * cfg.total_substeps) < 2
         sigma_to = torch.where(too_short, sigma(tau_a), sigma(tau_end))
         student_velocities.append(policy.average_velocity(sigma(tau_a), sigma_to))
         teacher_velocities.append(u_teacher)
         step = (sigma(tau_b) - sigma(tau_a)).reshape(-1, *([1] * (x.dim() - 1)))
-        x = x_a + step.to(x_a.dtype) * u_teacher.to(x_a.dtype)
+        x = x_a + step.to(x_a.dtype) * u_teacher
         tau = tau_b
 
     error = torch.stack(student_velocities) - torch.stack(teacher_velocities)
