@@ -26,7 +26,12 @@ def encoder(tiny_flux_dir: pathlib.Path) -> PretrainedFluxTextEncoder:
 
 def test_matches_pipeline_encode_prompt(encoder: PretrainedFluxTextEncoder, tiny_flux_dir: pathlib.Path) -> None:
     pipe = FluxPipeline.from_pretrained(tiny_flux_dir)
-    expected, expected_pooled, _ = pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, max_sequence_length=MAX_LENGTH)
+    # FluxPipeline.__call__ runs encode_prompt under no_grad; with grad enabled, SDPA picks another
+    # CPU kernel for T5 and the last bits differ, so compare against what generation really sees.
+    with torch.no_grad():
+        expected, expected_pooled, _ = pipe.encode_prompt(
+            prompt=PROMPTS, prompt_2=None, max_sequence_length=MAX_LENGTH
+        )
     out = encoder.encode(PROMPTS)
     assert torch.equal(out["prompt_embeds"], expected)
     assert torch.equal(out["pooled_prompt_embeds"], expected_pooled)
