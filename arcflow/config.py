@@ -144,6 +144,14 @@ class RunConfig:
     eval_interval: int = 500
     log_interval: int = 1
 
+    def __post_init__(self) -> None:
+        for key in ("total_iters", "eval_interval"):
+            if getattr(self, key) < 0:
+                raise _error(key, f"must be >= 0, got {getattr(self, key)}")
+        for key in ("save_interval", "log_interval"):
+            if getattr(self, key) < 1:
+                raise _error(key, f"must be >= 1, got {getattr(self, key)}")
+
 
 def _error(path: str, message: str) -> ValueError:
     return ValueError(f"config key '{path}': {message}")
