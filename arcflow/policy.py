@@ -91,12 +91,18 @@ class ArcFlowPolicy:
         step = _per_sample(sigma_from - sigma_to, x)
         return x - step * self.average_velocity(sigma_from, sigma_to).to(x.dtype)
 
-    def dropout(self, p: float, generator: torch.Generator | None = None) -> "ArcFlowPolicy":
-        """Drop each mode of each sample with probability p (logit -> -inf); never all of them."""
+    def dropout(self, p: float, generator: torch.Generator | None = None,
+                uniforms: Tensor | None = None) -> "ArcFlowPolicy":
+        """Drop each mode of each sample with probability p (logit -> -inf); never all of them.
+
+        ``uniforms`` (B, K) replaces the generator's draws, so a caller can fix the draws of
+        a whole batch before splitting it into micro-batches.
+        """
         batch, num_modes = self.logits.shape[:2]
-        device = generator.device if generator is not None else self.logits.device
-        dropped = torch.rand(batch, num_modes, generator=generator, device=device) < p
-        dropped = dropped.to(self.logits.device)
+        if uniforms is None:
+            device = generator.device if generator is not None else self.logits.device
+            uniforms = torch.rand(batch, num_modes, generator=generator, device=device)
+        dropped = (uniforms < p).to(self.logits.device)
         dropped &= ~dropped.all(dim=1, keepdim=True)
         mask = dropped.reshape(batch, num_modes, *([1] * (self.logits.dim() - 2)))
         logits = self.logits.masked_fill(mask, float("-inf"))

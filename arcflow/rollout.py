@@ -44,23 +44,43 @@ class RolloutConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-def student_intervals(batch: int, num: int, span: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Differences of sorted uniforms on [0, span], starting from 0: (B, num), sums <= span."""
-    points = torch.rand(batch, num, generator=generator, device=_device(generator)).sort(dim=1).values
-    points = points.to(span.device) * span[:, None]
+@dataclass(frozen=True)
+class RolloutNoise:
+    """The uniform draws of one student step, per sample.
+
+    Drawn for the whole batch before it is split into micro-batches, so that
+    ``grad_accum_batch_size`` does not change which states are visited.
+    """
+
+    dropout: Tensor  # (B, K): mode dropout of the rollout policy
+    student: Tensor  # (B, n): positions along the student's share of the rollout
+    teacher: Tensor  # (B, n - 1): split points of the teacher's share
+
+    @classmethod
+    def draw(cls, batch: int, num_modes: int, cfg: RolloutConfig,
+             generator: torch.Generator | None = None) -> "RolloutNoise":
+        device = generator.device if generator is not None else None
+
+        def draw(*shape: int) -> Tensor:
+            return torch.rand(*shape, generator=generator, device=device)
+
+        return cls(draw(batch, num_modes), draw(batch, cfg.num_states), draw(batch, cfg.num_states - 1))
+
+    def __getitem__(self, index: slice) -> "RolloutNoise":
+        return RolloutNoise(self.dropout[index], self.student[index], self.teacher[index])
+
+
+def student_intervals(uniforms: Tensor, span: Tensor) -> Tensor:
+    """Differences of the sorted uniforms scaled to [0, span], starting from 0: (B, n), sums <= span."""
+    points = uniforms.to(span.device).sort(dim=1).values * span[:, None]
     return torch.diff(points, dim=1, prepend=torch.zeros_like(points[:, :1]))
 
 
-def teacher_intervals(batch: int, num: int, span: Tensor, generator: torch.Generator | None) -> Tensor:
-    """A random split of [0, span] into num pieces (sorted uniforms with 0 and 1 added): (B, num)."""
-    inner = torch.rand(batch, num - 1, generator=generator, device=_device(generator)).sort(dim=1).values
-    inner = inner.to(span.device)
+def teacher_intervals(uniforms: Tensor, span: Tensor) -> Tensor:
+    """A random split of [0, span] into n pieces (sorted n - 1 uniforms with 0 and 1 added): (B, n)."""
+    inner = uniforms.to(span.device).sort(dim=1).values
     edges = torch.cat([torch.zeros_like(span[:, None]), inner, torch.ones_like(span[:, None])], dim=1)
     return torch.diff(edges, dim=1) * span[:, None]
-
-
-def _device(generator: torch.Generator | None) -> torch.device | None:
-    return generator.device if generator is not None else None
 
 
 def segment_loss(
@@ -71,24 +91,22 @@ def segment_loss(
     segment: float,
     teacher_ratio: float,
     cfg: RolloutConfig,
-    generator: torch.Generator | None = None,
+    noise: RolloutNoise,
 ) -> tuple[Tensor, Tensor]:
     """Imitation loss of one student step and the detached state at the segment's end.
 
     ``policy`` was predicted at (x_src, sigma(tau_src)); ``tau_src`` is (B,). Returns
     ``(loss, x_next)`` with x_next at tau_src - segment (clamped to 0).
     """
-    batch = x_src.shape[0]
-
     def sigma(tau: Tensor) -> Tensor:
         return shifted_sigma(tau, cfg.shift)
 
     num_substeps = max(round(segment * cfg.total_substeps), 1)
     window = min(cfg.window_substeps * segment / num_substeps, segment)
     rollout_span = torch.full_like(tau_src, segment - window)
-    rollout_policy = policy.detach().dropout(cfg.dropout, generator=generator)
-    student_steps = student_intervals(batch, cfg.num_states, (1 - teacher_ratio) * rollout_span, generator)
-    teacher_steps = teacher_intervals(batch, cfg.num_states, teacher_ratio * rollout_span, generator)
+    rollout_policy = policy.detach().dropout(cfg.dropout, uniforms=noise.dropout)
+    student_steps = student_intervals(noise.student, (1 - teacher_ratio) * rollout_span)
+    teacher_steps = teacher_intervals(noise.teacher, teacher_ratio * rollout_span)
 
     student_velocities, teacher_velocities = [], []
     x, tau = x_src.detach(), tau_src

@@ -28,7 +28,7 @@ from arcflow.config import RunConfig, torch_dtype
 from arcflow.data import Prompt, PromptBatchSampler, read_prompts
 from arcflow.evaluation import Validator
 from arcflow.optim import EMA, build_optimizer, set_lr
-from arcflow.rollout import RolloutConfig, segment_loss
+from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
 from arcflow.schedule import full_batch, segment_bounds, shifted_sigma, teacher_ratio
 from arcflow.text_encoders import build_text_encoder
 
@@ -89,6 +89,8 @@ class Trainer:
         cond = self.encode([p.text for p in prompts])
         shape = self.backbone.latent_shape(prompts[0].height, prompts[0].width)
         noise = torch.randn((len(prompts), *shape), generator=self.generator, device=self.device)
+        draws = [RolloutNoise.draw(len(prompts), cfg.model.num_modes, self.rollout_cfg, self.generator)
+                 for _ in self.segments]
         micro = cfg.train_cfg.grad_accum_batch_size or len(prompts)
         step_losses = [0.0] * len(self.segments)
         timings = {"forward_backward": 0.0}
@@ -104,7 +106,7 @@ class Trainer:
                 segment = tau_a - tau_b
                 sigma = shifted_sigma(tau, cfg.distill.shift)
                 policy = self.backbone.student_policy(x, sigma, micro_cond)
-                loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, self.generator)
+                loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, draws[k][part])
                 (segment * weight * loss).backward()
                 step_losses[k] += weight * loss.item()
                 tau = full_batch(tau_b, x.shape[0], x)

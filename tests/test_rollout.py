@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from arcflow.policy import ArcFlowPolicy
-from arcflow.rollout import RolloutConfig, segment_loss
+from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
 
 SHIFT = 3.2
 
@@ -97,15 +97,13 @@ def test_segment_loss_matches_spec_transcription(rho, S, tau0):
     tau_src = torch.full((B,), tau0, dtype=torch.float64)
     policy = ArcFlowPolicy(m, l, g, torch.tensor([sigma_of(tau0)] * B, dtype=torch.float64))
 
-    loss, x_next = segment_loss(policy, linear_teacher, x_src, tau_src, S, rho, cfg,
-                                torch.Generator().manual_seed(7))
+    noise = RolloutNoise.draw(B, K, cfg, torch.Generator().manual_seed(7))
+    loss, x_next = segment_loss(policy, linear_teacher, x_src, tau_src, S, rho, cfg, noise)
 
-    # Replay the same draws in the order segment_loss makes them: dropout, student, teacher.
-    gen = torch.Generator().manual_seed(7)
-    dropped = torch.rand(B, K, generator=gen) < cfg.dropout
+    dropped = noise.dropout < cfg.dropout
     dropped &= ~dropped.all(dim=1, keepdim=True)
-    u_student = torch.rand(B, cfg.num_states, generator=gen).double().tolist()
-    u_teacher = torch.rand(B, cfg.num_states - 1, generator=gen).double().tolist()
+    u_student = noise.student.double().tolist()
+    u_teacher = noise.teacher.double().tolist()
     keep = (~dropped).tolist()
     ref_loss, ref_next = reference_segment(m, l, g, linear_teacher, x_src, tau_src, S, rho, cfg, keep,
                                            u_student, u_teacher)
@@ -121,7 +119,9 @@ def test_gradient_flows_only_through_the_student_velocities():
     g = torch.randn(B, K - 1, 1, H, W, requires_grad=True)
     policy = ArcFlowPolicy(m, l, g, torch.ones(B))
     x_src = torch.randn(B, C, H, W)
-    loss, x_next = segment_loss(policy, linear_teacher, x_src, torch.ones(B), 0.5, 0.5, RolloutConfig())
+    cfg = RolloutConfig()
+    loss, x_next = segment_loss(policy, linear_teacher, x_src, torch.ones(B), 0.5, 0.5, cfg,
+                                RolloutNoise.draw(B, K, cfg))
     assert not x_next.requires_grad
     loss.backward()
     for t in (m, l, g):
@@ -136,6 +136,21 @@ def test_rollout_with_rho_one_follows_the_teacher():
     policy = ArcFlowPolicy(m, torch.zeros(B, K, 1, H, W, dtype=torch.float64),
                            torch.zeros(B, 0, 1, H, W, dtype=torch.float64), torch.ones(B, dtype=torch.float64))
     constant_teacher = lambda x, sigma: m[:, 0]  # noqa: E731
+    cfg = RolloutConfig(dropout=0.0)
     loss, _ = segment_loss(policy, constant_teacher, torch.randn(B, C, H, W, dtype=torch.float64),
-                           torch.ones(B, dtype=torch.float64), 0.5, 1.0, RolloutConfig(dropout=0.0))
+                           torch.ones(B, dtype=torch.float64), 0.5, 1.0, cfg, RolloutNoise.draw(B, K, cfg))
     assert loss.item() < 1e-20
+
+
+def test_micro_batches_see_the_same_draws_as_the_full_batch():
+    torch.manual_seed(3)
+    B, K, C, H, W = 4, 3, 2, 2, 2
+    m, l, g = torch.randn(B, K, C, H, W), torch.randn(B, K, 1, H, W), torch.randn(B, K - 1, 1, H, W)
+    x_src, tau = torch.randn(B, C, H, W), torch.ones(B)
+    cfg = RolloutConfig()
+    noise = RolloutNoise.draw(B, K, cfg, torch.Generator().manual_seed(0))
+    full_loss, full_next = segment_loss(ArcFlowPolicy(m, l, g, tau), linear_teacher, x_src, tau, 0.5, 0.4, cfg, noise)
+    parts = [segment_loss(ArcFlowPolicy(m[s], l[s], g[s], tau[s]), linear_teacher, x_src[s], tau[s], 0.5, 0.4,
+                          cfg, noise[s]) for s in (slice(0, 1), slice(1, 4))]
+    torch.testing.assert_close(sum(w * p[0] for w, p in zip((0.25, 0.75), parts)), full_loss)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), full_next)
