@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import torch
+import transformers
 from mmengine.config import DictAction
 
 from arcflow.config import RunConfig, load_config, resolve_dirs
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.set_defaults(func=run_demo)
 
     args = parser.parse_args(argv)
+    # Per-file "Loading weights" bars of transformers would bury the training progress bar.
+    transformers.utils.logging.disable_progress_bar()
     args.func(args)
 
 
