@@ -71,8 +71,10 @@ class ArcFlowHeads(nn.Module):
         self.rates = nn.Linear(hidden, (num_modes - 1) * pixels)
         with torch.no_grad():
             self.means.weight.copy_(teacher_proj_out.weight.float().repeat(num_modes, 1))
-            noise = torch.randn(num_modes, channels, 1, generator=generator) * bias_noise_std
-            bias = teacher_proj_out.bias.float().cpu().reshape(1, channels, pixels) + noise
+            # Drawn on the generator's device, then moved: the same heads whatever the model's device.
+            noise = torch.randn(num_modes, channels, 1, generator=generator,
+                                device=generator.device if generator is not None else "cpu") * bias_noise_std
+            bias = teacher_proj_out.bias.float().reshape(1, channels, pixels) + noise.to(teacher_proj_out.bias.device)
             self.means.bias.copy_(bias.reshape(-1))
             self.logits.weight.zero_()
             self.logits.bias.zero_()

@@ -1,0 +1,105 @@
+"""The benchmark scripts run end to end and print self-consistent figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import re
+from types import ModuleType
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+from arcflow.backbones.flux import FluxBackbone
+from arcflow.cli import DEMO_CONFIG
+from arcflow.config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\| (.+?) \| ([\d,.]+) \| ([\d.]+) \|$", re.MULTILINE)
+
+
+def load_script(name: str) -> ModuleType:
+    """benchmarks/ holds scripts, not a package: import one by path."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str) -> dict[str, tuple[float, float]]:
+    return {name: (float(a.replace(",", "")), float(b)) for name, a, b in ROW.findall(text)}
+
+
+@pytest.fixture(scope="module")
+def breakdown() -> ModuleType:
+    return load_script("iteration_breakdown")
+
+
+@pytest.fixture(scope="module")
+def param_count() -> ModuleType:
+    return load_script("param_count")
+
+
+def test_iteration_breakdown_shares_add_up(breakdown, tiny_flux_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)  # the demo config names its prompt file relative to the repository
+    backward = torch.Tensor.backward
+    json_path = tmp_path / "breakdown.json"
+    result = breakdown.main([DEMO_CONFIG, "--iters", "2", "--warmup", "1", "--device", "cpu", "--json", str(json_path),
+                             "--cfg-options", f"model.pretrained={tiny_flux_dir}", "train_cfg.batch_size=2"])
+    rows = table_rows(capsys.readouterr().out)
+
+    assert list(rows) == [*breakdown.COMPONENTS, "total"]
+    components = {name: ms for name, (ms, _) in rows.items() if name != "total"}
+    assert all(ms >= 0 for ms in components.values())
+    for name in (breakdown.TEACHER, breakdown.STUDENT_FORWARD, breakdown.STUDENT_BACKWARD, breakdown.ROLLOUT):
+        assert components[name] > 0, name
+    assert sum(components.values()) == pytest.approx(rows["total"][0], abs=0.5)
+    assert sum(share for name, (_, share) in rows.items() if name != "total") == pytest.approx(100, abs=0.5)
+    assert result["iters_per_sec"] == pytest.approx(1 / result["sec_per_iter"])
+    assert len(result["step_seconds"]) == 2
+    assert json.loads(json_path.read_text())["seconds"] == pytest.approx(result["seconds"])
+    assert torch.Tensor.backward is backward  # the timing patches are gone
+
+
+def test_param_count_full_size_flux(param_count, capsys):
+    figures = param_count.main([])
+    rows = table_rows(capsys.readouterr().out)
+
+    total, frozen, trainable = rows["total"][0], rows["frozen base (teacher)"][0], rows["trainable"][0]
+    assert frozen == 11_901_408_320  # FLUX.1-dev's transformer
+    assert total == frozen + trainable > 0
+    assert 0 < rows["trainable"][1] < 100
+    groups = {name: n for name, (n, _) in rows.items() if name.startswith("- ")}
+    assert sum(groups.values()) == trainable and all(n > 0 for n in groups.values())
+    # rank x (in + out) of every adapted linear: 38 single blocks (proj_mlp, proj_out), 19 double blocks
+    # (ff and ff_context: net.0.proj and net.2), the timestep embedder's two linears.
+    lora = 256 * (38 * (3072 + 12288 + 15360 + 3072) + 19 * 2 * 2 * (3072 + 12288) + (256 + 3072) + 2 * 3072)
+    assert groups["- LoRA adapters"] == lora
+    memory = figures["bytes"]
+    assert memory["frozen weights"] == 2 * frozen  # bf16
+    assert memory["trainable weights"] == memory["EMA shadow"] == 4 * trainable  # fp32
+    assert memory["AdamW moments"] == 8 * trainable
+
+
+def test_param_count_flags(param_count, capsys):
+    figures = param_count.main(["--num-modes", "4", "--lora-rank", "8"])
+    capsys.readouterr()
+    assert figures["trainable_groups"]["heads: rates"] == (4 - 1) * 4 * (3072 + 1)
+    assert 0 < figures["trainable_pct_of_total"] < 1
+
+
+def test_meta_student_has_the_real_students_parameters(param_count):
+    """The meta-device shortcuts must not change what the trainer's construction makes."""
+    architecture = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(4, 6, 6))
+    model = ModelConfig(num_modes=4, lora_rank=4, lora_alpha=4.0, dtype="bfloat16")
+
+    def signature(backbone: FluxBackbone) -> dict[str, tuple]:
+        return {name: (tuple(p.shape), p.dtype, p.requires_grad) for name, p in backbone.named_parameters()}
+
+    real = FluxBackbone(FluxTransformer2DModel(**architecture).to(torch.bfloat16), num_modes=4, lora_rank=4,
+                        lora_alpha=4.0, lora_dropout=model.lora_dropout, compute_dtype=torch.bfloat16)
+    assert signature(param_count.build_student(model, architecture)) == signature(real)
