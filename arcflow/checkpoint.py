@@ -1,86 +1,91 @@
-"""Checkpoints of the trainable state only, in safetensors + JSON (no pickle), written atomically.
+"""Checkpoints of the trainable state on torch.distributed.checkpoint (DCP), written atomically.
 
-Layout: ``{checkpoint_dir}/iter_0000500/`` with ``model.safetensors`` (trainable weights),
-``ema.safetensors``, ``optimizer.safetensors`` (per-parameter state) and ``state.json``
-(iteration, schedule, data position, RNG states, optimizer hyper-parameters). The folder
-is built under a temporary name and renamed into place, so a folder named ``iter_*``
-is always complete; anything else is ignored when looking for the latest.
+Layout: ``{checkpoint_dir}/iter_0000500/`` holds DCP's shard files (trainable weights, EMA,
+optimizer moments — tensors only, possibly sharded DTensors) and ``state.json``
+(iteration, data position, EMA count, scalar optimizer state). DCP reshards on load, so a
+run saved on N ranks resumes on M. The folder is written under a temporary name and
+renamed once every rank has finished, so a folder named ``iter_*`` with a ``state.json``
+is always complete; anything else is ignored.
+
+DCP stores its index (``.metadata``) as a pickle; before loading, that file is unpickled
+with an allow-list of DCP's own metadata classes, so a tampered checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from arcflow.distributed import DistEnv
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "state.json"
+_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
+_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
+                 ("builtins", "frozenset")}
 
 
-def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors, scalars = {}, {}
-    for index, param_state in state["state"].items():
-        for key, value in param_state.items():
-            if isinstance(value, Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{key}"] = value
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, {"scalars": scalars, "param_groups": groups}
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))
+        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_GLOBALS or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'")
 
 
-def _unflatten_optimizer(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
-        index, key = flat.split(".", 1)
-        state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def rng_state(generator: torch.Generator) -> dict[str, Tensor]:
-    states = {"torch_cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        states["torch_cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_state(generator: torch.Generator, states: dict[str, Tensor]) -> None:
-    torch.set_rng_state(states["torch_cpu"])
-    generator.set_state(states["generator"])
-    if "torch_cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["torch_cuda"])
-
-
-def save_checkpoint(checkpoint_dir: str | Path, iteration: int, model: dict[str, Tensor], ema: dict[str, Tensor],
-                    optimizer: dict[str, Any], rng: dict[str, Tensor], state: dict[str, Any]) -> Path:
-    """Write one checkpoint atomically and return its folder."""
-    root = Path(checkpoint_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"iter_{iteration:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+def check_metadata(path: Path) -> None:
+    """Unpickle DCP's index with the allow-list; raise a clear error for anything else."""
+    metadata = path / ".metadata"
+    if not metadata.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing .metadata")
     try:
-        cpu = lambda d: {k: v.detach().contiguous().cpu() for k, v in d.items()}  # noqa: E731
-        save_file(cpu(model), tmp / "model.safetensors")
-        save_file(cpu(ema), tmp / "ema.safetensors")
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        save_file(cpu(rng), tmp / "rng.safetensors")
-        meta = {"iteration": iteration, "optimizer": opt_meta, **state}
-        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=1))
+        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise ValueError(f"checkpoint '{path}/.metadata' is not a plain DCP index ({err}); not loading it") from None
+
+
+def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],
+                    env: DistEnv) -> Path:
+    """Collective: every rank passes its (sharded) tensors; rank 0 adds ``state`` and publishes."""
+    root = Path(checkpoint_dir)
+    final = root / f"iter_{iteration:07d}"
+    tmp = root / f".{final.name}.partial"
+    if env.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        tmp.mkdir(parents=True)
+    env.barrier()
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    env.barrier()
+    if env.is_main:
+        (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    env.barrier()
     return final
+
+
+def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
+    """Fill ``tensors`` (same structure as saved, any sharding) in place; return the JSON state."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing {STATE_FILE}")
+    check_metadata(path)
+    try:
+        dcp.load(tensors, checkpoint_id=str(path))
+    except (RuntimeError, CheckpointException) as err:  # e.g. a key the checkpoint lacks
+        raise ValueError(f"checkpoint '{path}' does not fit this model: {err}") from None
+    return json.loads((path / STATE_FILE).read_text())
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
@@ -111,23 +116,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
         if latest is not None:
             return latest
     raise FileNotFoundError(f"no checkpoint at '{path}' (expected an iter_* folder or a run dir holding them)")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read everything back; tensors on CPU."""
-    path = Path(path)
-    missing = [n for n in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors",
-                           STATE_FILE) if not (path / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing {', '.join(missing)}")
-    meta = json.loads((path / STATE_FILE).read_text())
-    return {
-        "model": load_file(path / "model.safetensors"),
-        "ema": load_file(path / "ema.safetensors"),
-        "optimizer": _unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta.pop("optimizer")),
-        "rng": load_file(path / "rng.safetensors"),
-        "state": meta,
-    }
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int, keep_every: int | None) -> None:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
 
 import torch
 import transformers
 from mmengine.config import DictAction
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from arcflow.config import RunConfig, load_config, resolve_dirs
+from arcflow.distributed import destroy_distributed, init_distributed
 
 DEMO_CONFIG = "configs/demo/arcflux_tiny_2nfe.py"
-
-
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,18 +36,21 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return resolve_dirs(load_config(args.config, options), args.work_dir)
 
 
+@record
 def run_train(args: argparse.Namespace) -> RunConfig:
+    """Train on this process's rank; a failure is reported with the rank before the job stops."""
     from arcflow.trainer import Trainer
 
     cfg = config_from_args(args)
-    rank = 0
-    if args.launcher == "pytorch":
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size != 1:
-            raise SystemExit(f"--launcher pytorch with WORLD_SIZE={world_size}: this version trains in one process; "
-                             "run torchrun with --nproc_per_node=1 --nnodes=1")
-        rank = int(os.environ.get("RANK", "0"))
-    Trainer(cfg, device=_default_device(), seed_offset=rank if args.diff_seed else 0).fit()
+    env = init_distributed(args.launcher)
+    try:
+        Trainer(cfg, env, seed_offset=env.rank if args.diff_seed else 0).fit()
+    except Exception as err:
+        print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        raise
+    finally:
+        destroy_distributed()
     return cfg
 
 
@@ -60,7 +59,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
     cfg = resolve_dirs(load_config(args.config, dict(args.cfg_options or {})), None)
     out = generate(cfg, args.ckpt, args.prompt, args.nfe, args.out, height=args.height, width=args.width,
-                   seed=args.seed, device=_default_device())
+                   seed=args.seed, device=init_distributed("none").device)
     print(f"wrote {out}")
 
 

@@ -87,6 +87,8 @@ class TrainConfig:
     grad_accum_batch_size: int | None = None
     """Process the batch in micro-batches of this size: same gradient, less memory."""
     seed: int = 42
+    parallel: str = "ddp"
+    """"ddp": replicate, all-reduce trainable gradients; "fsdp": FSDP2-shard everything per block."""
 
 
 @dataclass

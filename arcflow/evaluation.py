@@ -105,8 +105,11 @@ class Validator:
                     lambda z, c, n=nfe: sample_teacher(self.backbone, z, c, n, shift))
         return self._references
 
-    def run(self, out_dir: Path) -> dict[str, float]:
-        """Sample the student (current weights) at each validation NFE; compare with the teacher."""
+    def run(self, out_dir: Path, write: bool = True) -> dict[str, float]:
+        """Sample the student (current weights) at each validation NFE; compare with the teacher.
+
+        Every rank samples (sharded models need all ranks); only ``write`` ranks save files.
+        """
         refs = self.references()
         target_name = f"teacher_{self.cfg.teacher_steps}step"
         target = refs[target_name]
@@ -121,6 +124,8 @@ class Validator:
             gains = [float(psnr(s.images[None], t.images[None])[0]) for s, t in zip(samples, target)]
             metrics[f"{name}/latent_mse"] = sum(mse) / len(mse)
             metrics[f"{name}/psnr"] = sum(gains) / len(gains)
+        if not write:
+            return metrics
         out_dir.mkdir(parents=True, exist_ok=True)
         columns = [target] + list(students.values()) + [refs[f"teacher_euler_{n}step"] for n in self.cfg.nfe]
         save_grid([[col[i].images for col in columns] for i in range(len(self.prompts))], out_dir / "grid.png")

@@ -18,8 +18,10 @@ def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.devic
     """The backbone with the checkpoint's EMA weights, plus the text encoder and VAE."""
     path = ckpt.resolve_checkpoint(checkpoint)
     backbone = build_backbone(cfg.model, device)
+    # The EMA weights are loaded straight into the student's trainable parameters.
+    ema = {name: p.detach() for name, p in backbone.trainable_named_parameters()}
     try:
-        backbone.load_trainable_state_dict(ckpt.load_checkpoint(path)["ema"])
+        ckpt.load_checkpoint(path, {"ema": ema})
     except ValueError as err:
         raise ValueError(f"checkpoint '{path}' does not match config '{cfg.name}': {err}") from None
     backbone.eval()

@@ -81,12 +81,5 @@ class EMA:
             self.shadow[name].copy_(tmp)
 
     def state_dict(self) -> dict[str, Tensor]:
+        """The shadow tensors themselves, so a checkpoint loads into them in place."""
         return dict(self.shadow)
-
-    def load_state_dict(self, shadow: dict[str, Tensor], num_updates: int) -> None:
-        if set(shadow) != set(self.shadow):
-            raise ValueError("EMA state does not match the model's trainable parameters")
-        with torch.no_grad():
-            for name, tensor in shadow.items():
-                self.shadow[name].copy_(tensor)
-        self.num_updates = num_updates

@@ -69,6 +69,10 @@ class RolloutNoise:
     def __getitem__(self, index: slice) -> "RolloutNoise":
         return RolloutNoise(self.dropout[index], self.student[index], self.teacher[index])
 
+    @staticmethod
+    def cat(parts: list["RolloutNoise"]) -> "RolloutNoise":
+        return RolloutNoise(*(torch.cat([getattr(p, f) for p in parts]) for f in ("dropout", "student", "teacher")))
+
 
 def student_intervals(uniforms: Tensor, span: Tensor) -> Tensor:
     """Differences of the sorted uniforms scaled to [0, span], starting from 0: (B, n), sums <= span."""

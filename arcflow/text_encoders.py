@@ -51,6 +51,10 @@ class PretrainedFluxTextEncoder(torch.nn.Module):
         """Ignore ``mode``: a parent's ``.train()`` must not switch on T5's dropout."""
         return super().train(False)
 
+    def fsdp_units(self) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+        """T5 and its blocks are worth sharding; CLIP-L (0.1B) is not."""
+        return [(self.t5, list(self.t5.encoder.block))]
+
     @property
     def device(self) -> torch.device:
         """Where the embeddings are returned (T5's device; both encoders normally share it)."""

@@ -2,15 +2,19 @@
 
 The method itself lives in :mod:`arcflow.rollout` (the imitation loss) and
 :mod:`arcflow.policy` (the closed-form policy); the model family behind
-:class:`arcflow.backbones.Backbone`. This file wires them to data, optimizer, EMA,
-checkpoints and logs.
+:class:`arcflow.backbones.Backbone`; data parallelism in :func:`arcflow.parallel.parallelize`.
+This file wires them to data, optimizer, EMA, checkpoints and logs.
+
+All randomness of an iteration is a function of (seed, iteration, global sample index):
+the latent noise and rollout draws of each prompt, and the global RNG (LoRA dropout) of
+each rank. Resuming, micro-batching or changing the number of ranks therefore never
+changes which noise a prompt gets, and no RNG state needs saving.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import resource
 import time
 from dataclasses import asdict
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -26,13 +33,24 @@ from arcflow.backbones import build_backbone
 from arcflow.backbones.base import Conditioning
 from arcflow.config import RunConfig, torch_dtype
 from arcflow.data import Prompt, PromptBatchSampler, read_prompts
+from arcflow.distributed import DistEnv, StopSignal
 from arcflow.evaluation import Validator
 from arcflow.optim import EMA, build_optimizer, set_lr
+from arcflow.parallel import gradient_sync, parallelize, shard_text_encoder
 from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
 from arcflow.schedule import full_batch, segment_bounds, shifted_sigma, teacher_ratio
 from arcflow.text_encoders import build_text_encoder
 
 log = logging.getLogger("arcflow")
+
+
+def mix_seed(*values: int) -> int:
+    """A well-spread 63-bit seed from a tuple of integers (splitmix64 steps)."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return state >> 1
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -45,28 +63,37 @@ def _slice(cond: Conditioning, index: slice) -> Conditioning:
     return {key: value[index] for key, value in cond.items()}
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 class Trainer:
-    """Distils the configured teacher into an n-NFE ArcFlow student in this process."""
+    """Distils the configured teacher into an n-NFE ArcFlow student on every rank of ``env``."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device | str = "cpu", seed_offset: int = 0):
-        self.cfg = cfg
-        self.device = torch.device(device)
+    def __init__(self, cfg: RunConfig, env: DistEnv = DistEnv(), seed_offset: int = 0):
+        self.cfg, self.env = cfg, env
+        self.device = env.device
         self.work_dir = Path(cfg.work_dir)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        seed = cfg.train_cfg.seed + seed_offset
-        random.seed(seed)
-        torch.manual_seed(seed)
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        if env.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.seed, self.seed_offset = cfg.train_cfg.seed, seed_offset
+        torch.manual_seed(mix_seed(self.seed, seed_offset))  # LoRA initialisation; DDP broadcasts rank 0's
 
-        self.backbone = build_backbone(cfg.model, self.device, head_seed=cfg.train_cfg.seed)
+        self.compute_dtype = torch_dtype(cfg.model.dtype)
+        self.backbone = build_backbone(cfg.model, self.device, head_seed=self.seed)
+        self.student = parallelize(self.backbone, cfg.train_cfg.parallel, env, self.compute_dtype)
         self.text_encoder = build_text_encoder(cfg.model).to(self.device)
+        if cfg.train_cfg.parallel == "fsdp":
+            shard_text_encoder(self.text_encoder, env)
         d = cfg.distill
         self.rollout_cfg = RolloutConfig(num_states=d.num_states, window_substeps=d.window_substeps,
                                          total_substeps=d.total_substeps, dropout=d.dropout,
                                          loss_scale=d.loss_scale, shift=d.shift)
         self.segments = segment_bounds(d.nfe, d.timestep_ratio)
 
-        self.sampler = PromptBatchSampler(read_prompts(cfg.data.train), cfg.train_cfg.batch_size, seed)
+        # Every rank walks the same sequence of global batches and takes its own slice.
+        batch = cfg.train_cfg.batch_size
+        self.sampler = PromptBatchSampler(read_prompts(cfg.data.train), batch * env.world_size, self.seed)
         self.val_prompts: list[Prompt] = read_prompts(cfg.data.val)
         self.validator: Validator | None = None
 
@@ -80,88 +107,126 @@ class Trainer:
     def encode(self, texts: list[str]) -> Conditioning:
         return {k: v.to(self.device) for k, v in self.text_encoder.encode(texts).items()}
 
+    def sample_randomness(self, first_index: int, count: int, shape: tuple[int, ...]
+                          ) -> tuple[torch.Tensor, list[RolloutNoise]]:
+        """Latent noise and per-segment rollout draws of global samples first_index.. of this iteration."""
+        noises, draws = [], []
+        for index in range(first_index, first_index + count):
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.iteration, index))
+            noises.append(torch.randn(shape, generator=generator))
+            draws.append([RolloutNoise.draw(1, self.cfg.model.num_modes, self.rollout_cfg, generator)
+                          for _ in self.segments])
+        per_segment = [RolloutNoise.cat([d[k] for d in draws]) for k in range(len(self.segments))]
+        return torch.stack(noises).to(self.device), per_segment
+
     def train_step(self) -> dict[str, float]:
         """One optimizer step: every micro-batch runs every student step of the rollout."""
         cfg, it = self.cfg, self.iteration
+        torch.manual_seed(mix_seed(self.seed, self.seed_offset, it, 1))  # LoRA dropout of this rank
         rho = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
         lr = set_lr(self.optimizer, it, cfg.optimizer)
-        prompts = self.sampler.next_batch()
+        batch = cfg.train_cfg.batch_size
+        prompts = self.sampler.next_batch()[self.env.rank * batch:(self.env.rank + 1) * batch]
         cond = self.encode([p.text for p in prompts])
         shape = self.backbone.latent_shape(prompts[0].height, prompts[0].width)
-        noise = torch.randn((len(prompts), *shape), generator=self.generator, device=self.device)
-        draws = [RolloutNoise.draw(len(prompts), cfg.model.num_modes, self.rollout_cfg, self.generator)
-                 for _ in self.segments]
-        micro = cfg.train_cfg.grad_accum_batch_size or len(prompts)
+        noise, draws = self.sample_randomness(self.env.rank * batch, batch, shape)
+        micro = cfg.train_cfg.grad_accum_batch_size or batch
+        starts = list(range(0, batch, micro))
         step_losses = [0.0] * len(self.segments)
-        timings = {"forward_backward": 0.0}
 
-        start = time.perf_counter()
-        for begin in range(0, len(prompts), micro):
+        for begin in starts:
             part = slice(begin, begin + micro)
-            x, weight = noise[part], (min(begin + micro, len(prompts)) - begin) / len(prompts)
+            x, weight = noise[part], (min(begin + micro, batch) - begin) / batch
             micro_cond = _slice(cond, part)
             tau = full_batch(1.0, x.shape[0], x)
-            teacher = lambda x_t, sigma, c=micro_cond: self.backbone.teacher_velocity(x_t, sigma, c)  # noqa: E731
+
+            def teacher(x_t: torch.Tensor, sigma: torch.Tensor, c: Conditioning = micro_cond) -> torch.Tensor:
+                return self.backbone.teacher_velocity(x_t, sigma, c)
+
             for k, (tau_a, tau_b) in enumerate(self.segments):
                 segment = tau_a - tau_b
-                sigma = shifted_sigma(tau, cfg.distill.shift)
-                policy = self.backbone.student_policy(x, sigma, micro_cond)
-                loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, draws[k][part])
-                (segment * weight * loss).backward()
+                last = begin == starts[-1] and k == len(self.segments) - 1
+                with gradient_sync(self.student, sync=last):
+                    policy = self.student(x, shifted_sigma(tau, cfg.distill.shift), micro_cond)
+                    loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, draws[k][part])
+                    (segment * weight * loss).backward()
                 step_losses[k] += weight * loss.item()
                 tau = full_batch(tau_b, x.shape[0], x)
-        timings["forward_backward"] = time.perf_counter() - start
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         clip = cfg.optimizer.grad_clip if it >= cfg.optimizer.grad_clip_start_iter else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        grad_norm = _local(torch.nn.utils.clip_grad_norm_(params, clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(it)
         self.iteration += 1
-        metrics = {f"loss_step{k}": v for k, v in enumerate(step_losses)}
-        metrics.update(loss=sum((a - b) * v for (a, b), v in zip(self.segments, step_losses)),
+        losses = self._mean_over_ranks(step_losses)
+        metrics = {f"loss_step{k}": v for k, v in enumerate(losses)}
+        metrics.update(loss=sum((a - b) * v for (a, b), v in zip(self.segments, losses)),
                        teacher_ratio=rho, lr=lr, grad_norm=float(grad_norm))
         return metrics
 
+    def _mean_over_ranks(self, values: list[float]) -> list[float]:
+        if not self.env.is_distributed:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return (tensor / self.env.world_size).tolist()
+
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> None:
+        """Train to ``total_iters``; on SIGINT/SIGTERM stop every rank at an iteration boundary."""
         cfg = self.cfg
         self._setup_logging()
         self.resume()
         if self.iteration == 0 and cfg.eval_interval > 0:
             self.validate()
-        progress = tqdm(total=cfg.total_iters, initial=self.iteration, desc="distill", dynamic_ncols=True)
-        while self.iteration < cfg.total_iters:
-            start = time.perf_counter()
-            metrics = self.train_step()
-            metrics["sec_per_iter"] = time.perf_counter() - start
-            metrics["peak_mem_gb"] = _peak_memory_gb(self.device)
-            if self.iteration % cfg.log_interval == 0:
-                self._log(metrics)
-            progress.update(1)
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", rho=f"{metrics['teacher_ratio']:.2f}")
-            if self.iteration % cfg.save_interval == 0 or self.iteration == cfg.total_iters:
-                self.save()
-            if cfg.eval_interval > 0 and (self.iteration % cfg.eval_interval == 0
-                                          or self.iteration == cfg.total_iters):
-                self.validate()
-        progress.close()
-        if self.writer is not None:
-            self.writer.close()
+        progress = tqdm(total=cfg.total_iters, initial=self.iteration, desc="distill", dynamic_ncols=True,
+                        disable=not self.env.is_main)
+        stop = StopSignal()
+        try:
+            while self.iteration < cfg.total_iters:
+                signum = stop.should_stop(self.env)
+                if signum:
+                    log.warning("received signal %d: stopping at iteration %d", signum, self.iteration)
+                    raise SystemExit(128 + signum)
+                start = time.perf_counter()
+                metrics = self.train_step()
+                metrics["sec_per_iter"] = time.perf_counter() - start
+                metrics["peak_mem_gb"] = _peak_memory_gb(self.device)
+                if self.iteration % cfg.log_interval == 0:
+                    self._log(metrics)
+                progress.update(1)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", rho=f"{metrics['teacher_ratio']:.2f}")
+                if self.iteration % cfg.save_interval == 0 or self.iteration == cfg.total_iters:
+                    self.save()
+                if cfg.eval_interval > 0 and (self.iteration % cfg.eval_interval == 0
+                                              or self.iteration == cfg.total_iters):
+                    self.validate()
+        finally:
+            stop.restore()
+            progress.close()
+            if self.writer is not None:
+                self.writer.close()
 
     def _setup_logging(self) -> None:
+        n_train = sum(p.numel() for _, p in self.backbone.trainable_named_parameters())
+        n_all = sum(p.numel() for p in self.backbone.parameters())
+        if not self.env.is_main:
+            return
         handler = logging.FileHandler(self.work_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
         (self.work_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
-        n_train = sum(p.numel() for _, p in self.backbone.trainable_named_parameters())
-        n_all = sum(p.numel() for p in self.backbone.parameters())
+        log.info("world size %d, parallel %s, device %s", self.env.world_size, self.cfg.train_cfg.parallel,
+                 self.device)
         log.info("trainable parameters: %d of %d (%.2f%%)", n_train, n_all, 100 * n_train / n_all)
 
     def _log(self, metrics: dict[str, float]) -> None:
+        if not self.env.is_main:
+            return
         record = {"iter": self.iteration, **metrics}
         with open(self.work_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -171,47 +236,63 @@ class Trainer:
 
     # -- validation --------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
-        """Sample with the EMA weights; write grid, metrics.json and TensorBoard scalars."""
+        """Sample with the EMA weights; rank 0 writes grid, metrics.json and TensorBoard scalars."""
         if self.validator is None:
-            vae = self.backbone.load_vae(self.cfg.model.pretrained, torch_dtype(self.cfg.model.dtype)).to(self.device)
+            vae = self.backbone.load_vae(self.cfg.model.pretrained, self.compute_dtype).to(self.device)
             self.validator = Validator(self.backbone, vae, self.encode, self.val_prompts, self.cfg.val_cfg,
                                        self.cfg.distill, self.device)
         self.backbone.eval()
         self.ema.swap()
         try:
-            metrics = self.validator.run(self.work_dir / "val" / f"iter_{self.iteration:07d}")
+            out_dir = self.work_dir / "val" / f"iter_{self.iteration:07d}"
+            metrics = self.validator.run(out_dir, write=self.env.is_main)
         finally:
             self.ema.swap()
             self.backbone.train()
-        with open(self.work_dir / "val_metrics.jsonl", "a") as f:
-            f.write(json.dumps({"iter": self.iteration, **metrics}) + "\n")
-        if self.writer is not None:
+        if self.env.is_main:
+            with open(self.work_dir / "val_metrics.jsonl", "a") as f:
+                f.write(json.dumps({"iter": self.iteration, **metrics}) + "\n")
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, self.iteration)
-        log.info("val iter %d %s", self.iteration, json.dumps(metrics))
+            log.info("val iter %d %s", self.iteration, json.dumps(metrics))
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------
+    def _checkpoint_tensors(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The (possibly sharded) tensors DCP saves/loads in place, and the optimizer's scalar state."""
+        model = {name: p.detach() for name, p in self.backbone.trainable_named_parameters()}
+        optim = get_optimizer_state_dict(self.backbone, self.optimizer)
+        tensors, scalars = {}, {}
+        for name, state in optim["state"].items():
+            for key, value in state.items():
+                (tensors if isinstance(value, torch.Tensor) else scalars)[f"{name}/{key}"] = value
+        return {"model": model, "ema": self.ema.state_dict(), "optimizer": tensors}, scalars
+
     def save(self) -> Path:
-        state: dict[str, Any] = {"sampler": self.sampler.state_dict(), "ema_updates": self.ema.num_updates}
-        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.iteration, self.backbone.trainable_state_dict(),
-                                    self.ema.state_dict(), self.optimizer.state_dict(),
-                                    ckpt.rng_state(self.generator), state)
-        ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
-        log.info("saved %s", path)
+        tensors, scalars = self._checkpoint_tensors()
+        state = {"sampler": self.sampler.state_dict(), "ema_updates": self.ema.num_updates,
+                 "optimizer_scalars": scalars, "world_size": self.env.world_size}
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.iteration, tensors, state, self.env)
+        if self.env.is_main:
+            ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last,
+                                   self.cfg.checkpoint.keep_every)
+            log.info("saved %s", path)
         return path
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from ``path`` or the latest checkpoint of this run, if any."""
+        """Continue from ``path`` or the latest checkpoint of this run, if any (any world size)."""
         path = Path(path) if path else ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
         if path is None:
             return False
-        data = ckpt.load_checkpoint(path)
-        self.backbone.load_trainable_state_dict(data["model"])
-        self.optimizer.load_state_dict(data["optimizer"])
-        self.ema.load_state_dict(data["ema"], data["state"]["ema_updates"])
-        self.sampler.load_state_dict(data["state"]["sampler"])
-        ckpt.set_rng_state(self.generator, data["rng"])
-        self.iteration = int(data["state"]["iteration"])
-        log.info("resumed from %s at iteration %d", path, self.iteration)
+        tensors, _ = self._checkpoint_tensors()
+        state = ckpt.load_checkpoint(path, tensors)
+        optim = {"state": {}, "param_groups": get_optimizer_state_dict(self.backbone, self.optimizer)["param_groups"]}
+        for flat, value in {**tensors["optimizer"], **state["optimizer_scalars"]}.items():
+            name, key = flat.rsplit("/", 1)
+            optim["state"].setdefault(name, {})[key] = value
+        set_optimizer_state_dict(self.backbone, self.optimizer, optim)
+        self.ema.num_updates = int(state["ema_updates"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration = int(state["iteration"])
+        log.info("resumed from %s at iteration %d (saved on %d ranks)", path, self.iteration, state["world_size"])
         return True

@@ -32,6 +32,7 @@ from mmengine.config import DictAction
 import arcflow.trainer
 from arcflow.cli import DEMO_CONFIG
 from arcflow.config import load_config, resolve_dirs
+from arcflow.distributed import DistEnv
 from arcflow.tiny_flux import make_tiny_flux
 from arcflow.trainer import Trainer
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"making the tiny FLUX-architecture model in {TINY_FLUX_DIR}")
         make_tiny_flux(TINY_FLUX_DIR, seed=0)
     with tempfile.TemporaryDirectory(prefix="arcflow-bench-") as work_dir:
-        trainer = Trainer(resolve_dirs(cfg, work_dir), device=device)
+        trainer = Trainer(resolve_dirs(cfg, work_dir), DistEnv(device=device))
         seconds, steps = measure(trainer, args.iters, args.warmup)
         sizes = sorted({(p.height, p.width) for p in trainer.sampler.prompts})
     sec_per_iter = sum(seconds.values())

@@ -13,3 +13,15 @@ from arcflow.tiny_flux import make_tiny_flux
 def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A tiny random FLUX pipeline folder (seed 0), built once because every FLUX test needs one."""
     return make_tiny_flux(tmp_path_factory.mktemp("tiny_flux") / "FLUX.1-dev", seed=0)
+
+
+def read_checkpoint_group(path: pathlib.Path, group: str) -> dict:
+    """All tensors of one group ("model", "ema", "optimizer") of a DCP checkpoint, on CPU."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    template = {key.split(".", 1)[1]: torch.zeros(meta.size, dtype=meta.properties.dtype)
+                for key, meta in metadata.state_dict_metadata.items() if key.startswith(group + ".")}
+    dcp.load({group: template}, checkpoint_id=str(path))
+    return template

@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
-from safetensors.torch import load_file
 
 from arcflow.backbones import build_backbone
 from arcflow.backbones.flux import pack, unpack
@@ -18,6 +17,7 @@ from arcflow.cli import main
 from arcflow.config import load_config
 from arcflow.sampling import sample_teacher
 from arcflow.text_encoders import build_text_encoder
+from conftest import read_checkpoint_group
 
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 REPO = Path(__file__).resolve().parents[1]
@@ -60,8 +60,8 @@ def test_resume_continues_exactly(tiny_flux_dir, tmp_path):
     assert [r["iter"] for r in resumed] == list(range(1, 7))
     assert [r["loss"] for r in first] == [r["loss"] for r in straight[:3]]
     assert [r["loss"] for r in resumed[3:]] == [r["loss"] for r in straight[3:]]
-    a = load_file(tmp_path / "straight" / "checkpoints" / "iter_0000006" / "ema.safetensors")
-    b = load_file(tmp_path / "split" / "checkpoints" / "iter_0000006" / "ema.safetensors")
+    a = read_checkpoint_group(tmp_path / "straight" / "checkpoints" / "iter_0000006", "ema")
+    b = read_checkpoint_group(tmp_path / "split" / "checkpoints" / "iter_0000006", "ema")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -116,7 +116,7 @@ def test_micro_batches_give_the_same_update(tiny_flux_dir, tmp_path):
                   **{"model.lora_dropout": 0.0, "train_cfg.grad_accum_batch_size": 1})
     for a, b in zip(whole, micro):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    a = load_file(tmp_path / "whole" / "checkpoints" / "iter_0000002" / "model.safetensors")
-    b = load_file(tmp_path / "micro" / "checkpoints" / "iter_0000002" / "model.safetensors")
+    a = read_checkpoint_group(tmp_path / "whole" / "checkpoints" / "iter_0000002", "model")
+    b = read_checkpoint_group(tmp_path / "micro" / "checkpoints" / "iter_0000002", "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -35,6 +35,18 @@ class Backbone(nn.Module, ABC):
     def student_policy(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> ArcFlowPolicy:
         """Student's ArcFlow policy predicted at (x, sigma)."""
 
+    def forward(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> ArcFlowPolicy:
+        """The student, so that a data-parallel wrapper's forward is the student's."""
+        return self.student_policy(x, sigma, cond)
+
+    @abstractmethod
+    def shard_units(self) -> list[nn.Module]:
+        """The repeated blocks: FSDP2 and activation-checkpointing units."""
+
+    @abstractmethod
+    def root_module(self) -> nn.Module:
+        """The network both teacher and student call; FSDP2's root."""
+
     @abstractmethod
     def decode(self, vae: nn.Module, latents: Tensor) -> Tensor:
         """Latents (B, C, H, W) to images (B, 3, H*f, W*f) in [0, 1]."""

@@ -145,6 +145,12 @@ class FluxBackbone(Backbone):
     def heads(self) -> ArcFlowHeads:
         return self.transformer.proj_out.student
 
+    def shard_units(self) -> list[nn.Module]:
+        return [*self.transformer.transformer_blocks, *self.transformer.single_transformer_blocks]
+
+    def root_module(self) -> nn.Module:
+        return self.transformer
+
     def rate_parameters(self) -> list[nn.Parameter]:
         """The rates head trains with a smaller learning rate (SPEC §2)."""
         return list(self.heads.rates.parameters())

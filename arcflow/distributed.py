@@ -1,0 +1,92 @@
+"""Process-group set-up from torchrun's environment, and cooperative stopping on signals.
+
+One process per GPU (NCCL) or per CPU worker (gloo). Everything else in the package asks
+:class:`DistEnv` who it is instead of reading environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def init_distributed(launcher: str) -> DistEnv:
+    """``none``: this process alone. ``pytorch``: join the group torchrun described in the environment."""
+    if launcher not in ("none", "pytorch"):
+        raise ValueError(f"--launcher must be 'none' or 'pytorch', got {launcher!r}")
+    use_cuda = torch.cuda.is_available()
+    if launcher == "none":
+        return DistEnv(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"--launcher pytorch needs torchrun's environment; missing {', '.join(missing)}")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
+                            device_id=device if use_cuda else None)
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def destroy_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_max(value: float, env: DistEnv) -> float:
+    """The largest of every rank's value (a float so it also carries flags)."""
+    if not env.is_distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
+
+
+class StopSignal:
+    """Records SIGINT/SIGTERM so the loop can stop at an iteration boundary on every rank.
+
+    The signal may reach only some ranks (a scheduler killing one process); the flag is
+    shared at each boundary, so all ranks leave together and no checkpoint is cut short.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    def should_stop(self, env: DistEnv) -> int:
+        """0 to go on, else the signal number that some rank received."""
+        return int(all_reduce_max(float(self.signum or 0), env))
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,215 @@
+"""Export a training checkpoint's EMA student as a self-contained diffusers adapter folder.
+
+    python tools/export_arcflow_to_diffusers.py CONFIG --ckpt CKPT --out-dir DIR [--dtype bfloat16]
+    arcflow export CONFIG --ckpt CKPT --out-dir DIR
+
+The folder layout is described in :mod:`arcflow.pipelines.adapter`. Before anything is
+written, the checkpoint's EMA tensors are checked name by name and shape by shape against
+the student the config describes (its base transformer's architecture, K, LoRA rank), so
+a checkpoint of another run or a partial one fails here and not at sampling time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import FluxTransformer2DModel
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+from mmengine.config import DictAction
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from arcflow import checkpoint as ckpt
+from arcflow.backbones.flux import ADAPTER_NAME, LORA_TARGETS
+from arcflow.config import RunConfig, load_config
+from arcflow.pipelines.adapter import (CONFIG_FILE, DTYPES, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
+                                       lora_metadata, student_output_layers)
+
+EMA_GROUP = "ema."
+"""The trainer saves the EMA shadow under this group of its DCP checkpoint."""
+# Where each group of the heads file lives among the backbone's trainable parameters.
+_STUDENT_PREFIXES = {"norm_out": "transformer.norm_out.student.", "heads": "transformer.proj_out.student."}
+_LORA_KEY = re.compile(rf"^transformer\.(.+)\.(lora_[AB])\.{ADAPTER_NAME}\.weight$")
+
+_MODEL_CARD = """# ArcFlow {nfe}-NFE student of `{base}`
+
+Exported from training iteration {iteration} (EMA weights). Load it on the base model:
+
+```python
+import torch
+from arcflow.pipelines import ArcFluxPipeline
+
+pipe = ArcFluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe.load_arcflow_adapter("path/to/this/folder")
+image = pipe("a prompt", num_inference_steps={nfe}).images[0]
+```
+
+Files: `{lora}` (LoRA, diffusers/peft layout, adapter name "{adapter}"), `{heads}` (the student's
+output heads and norm_out), `{config}` (K = {k} modes, shift {shift}, guidance {guidance}).
+"""
+
+
+def base_transformer_on_meta(pretrained: str) -> nn.Module:
+    """The base model's transformer architecture without weights: only its config.json is read."""
+    try:
+        config = FluxTransformer2DModel.load_config(pretrained, subfolder="transformer")
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot read the transformer config of model.pretrained='{pretrained}' "
+                                f"(needed to check the checkpoint against it): {err}") from None
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config(config)
+
+
+def student_ema_shapes(transformer: nn.Module, num_modes: int, lora_rank: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the trainable parameters FluxBackbone makes on ``transformer``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, module in transformer.named_modules():
+        if re.fullmatch(LORA_TARGETS, name):  # peft's rule for a string target_modules
+            shapes[f"transformer.{name}.lora_A.{ADAPTER_NAME}.weight"] = (lora_rank, module.in_features)
+            shapes[f"transformer.{name}.lora_B.{ADAPTER_NAME}.weight"] = (module.out_features, lora_rank)
+    for key, tensor in student_output_layers(transformer, num_modes).state_dict().items():
+        group, rest = key.split(".", 1)
+        shapes[_STUDENT_PREFIXES[group] + rest] = tuple(tensor.shape)
+    return shapes
+
+
+def _checkpoint_ema_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each EMA tensor in the DCP index, which is only unpickled once checked safe."""
+    ckpt.check_metadata(path)
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    found = {key[len(EMA_GROUP):]: (tuple(item.size), item.properties.dtype) for key, item in metadata.items()
+             if key.startswith(EMA_GROUP) and isinstance(item, TensorStorageMetadata)}
+    if not found:
+        groups = sorted({key.split(".", 1)[0] for key in metadata})
+        raise ValueError(f"checkpoint '{path}' holds no EMA weights ('{EMA_GROUP}*' tensors); groups: {groups}")
+    return found
+
+
+def _check_against_config(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                          cfg: RunConfig, path: Path) -> None:
+    """The usual mismatches (K, LoRA rank) get their own message; anything else a per-key one."""
+    where = f"checkpoint '{path}' does not match config '{cfg.name}'"
+    logits = _STUDENT_PREFIXES["heads"] + "logits.bias"
+    if logits in found and found[logits] != expected[logits]:
+        raise ValueError(f"{where}: it has K={found[logits][0] // 4} modes, model.num_modes={cfg.model.num_modes}")
+    ranks = {shape[0] for key, shape in found.items() if ".lora_A." in key}
+    if ranks and ranks != {cfg.model.lora_rank}:
+        raise ValueError(f"{where}: its LoRA rank is {sorted(ranks)}, model.lora_rank={cfg.model.lora_rank}")
+    check_shapes(found, expected, where)
+
+
+def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, Tensor], int, Path]:
+    """The EMA weights of the checkpoint (or a run dir's latest), checked against ``cfg``."""
+    if cfg.model.backbone != "flux":
+        raise ValueError(f"config key 'model.backbone': export supports 'flux', got {cfg.model.backbone!r}")
+    if cfg.model.lora_rank < 1:
+        raise ValueError(f"config key 'model.lora_rank': export needs LoRA adapters, got {cfg.model.lora_rank}")
+    path = ckpt.resolve_checkpoint(checkpoint)
+    found = _checkpoint_ema_shapes(path)
+    expected = student_ema_shapes(base_transformer_on_meta(cfg.model.pretrained), cfg.model.num_modes,
+                                  cfg.model.lora_rank)
+    _check_against_config({key: shape for key, (shape, _) in found.items()}, expected, cfg, path)
+    ema = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in found.items()}
+    with warnings.catch_warnings():  # DCP notes that it runs without a process group: intended here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        state = ckpt.load_checkpoint(path, {"ema": ema})
+    return ema, int(state["iteration"]), path
+
+
+def split_student_state(ema: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Backbone parameter names -> (diffusers LoRA keys, heads-file keys)."""
+    lora, heads = {}, {}
+    for key, tensor in ema.items():
+        match = _LORA_KEY.match(key)
+        if match:
+            lora[f"transformer.{match.group(1)}.{match.group(2)}.weight"] = tensor
+            continue
+        group = next(g for g, prefix in _STUDENT_PREFIXES.items() if key.startswith(prefix))
+        heads[f"{group}.{key[len(_STUDENT_PREFIXES[group]):]}"] = tensor
+    return lora, heads
+
+
+def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str, Tensor],
+                  config: AdapterConfig) -> Path:
+    """Write the adapter folder atomically: built under a hidden name, then renamed into place.
+
+    ``out_dir`` may be absent, empty, or an earlier adapter folder (replaced); anything else
+    is refused, so a typo cannot wipe an unrelated folder.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+        raise FileExistsError(f"--out-dir '{out}' exists and is not an ArcFlow adapter folder; not overwriting it")
+    dtype = getattr(torch, config.dtype)
+    targets = sorted({key[len("transformer."):].rsplit(".lora_", 1)[0] for key in lora})
+    header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
+        lora_metadata(config.lora_rank, config.lora_alpha, targets), indent=2, sort_keys=True)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cast = lambda d: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(d.items())}  # noqa: E731
+        save_file(cast(lora), staging / LORA_FILE, metadata=header)
+        save_file(cast(heads), staging / HEADS_FILE, metadata={"format": "pt"})
+        config.save(staging / CONFIG_FILE)
+        (staging / "README.md").write_text(_MODEL_CARD.format(
+            nfe=config.nfe, base=config.base_model, iteration=config.iteration, lora=LORA_FILE, heads=HEADS_FILE,
+            config=CONFIG_FILE, adapter=ADAPTER_NAME, k=config.num_modes, shift=config.shift,
+            guidance=config.guidance), encoding="utf-8")
+        staging.chmod(0o755)
+        old = None
+        if out.exists():
+            old = out.rename(out.with_name(f"{staging.name}.old"))
+        staging.rename(out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
+    """Checkpoint (EMA) -> adapter folder; returns the folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ema, iteration, _ = read_student_ema(cfg, checkpoint)
+    lora, heads = split_student_state(ema)
+    model, distill = cfg.model, cfg.distill
+    config = AdapterConfig(
+        base_model=model.pretrained, num_modes=model.num_modes, shift=distill.shift, nfe=distill.nfe,
+        timestep_ratio=distill.timestep_ratio, total_substeps=distill.total_substeps, guidance=model.guidance,
+        lora_rank=model.lora_rank, lora_alpha=float(model.lora_alpha), lora_dropout=model.lora_dropout,
+        dtype=dtype, iteration=iteration)
+    return write_adapter(out_dir, lora, heads, config)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the run config the checkpoint was trained with")
+    parser.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
+    parser.add_argument("--out-dir", required=True, help="adapter folder to write (replaced if it is one already)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported tensors")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                        help="override config keys, e.g. model.pretrained=/path/to/FLUX.1-dev")
+
+
+def run_export(args: argparse.Namespace) -> Path:
+    cfg = load_config(args.config, dict(args.cfg_options or {}))
+    out = export_adapter(cfg, args.ckpt, args.out_dir, args.dtype)
+    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.iterdir()))
+    print(f"wrote {out}: {sizes}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="export_arcflow_to_diffusers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_export_arguments(parser)
+    return run_export(parser.parse_args(argv))
