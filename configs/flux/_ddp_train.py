@@ -13,7 +13,8 @@ ema = dict(gamma=7.0, start_iter=100)
 train_cfg = dict(
     batch_size=4,  # images per GPU
     grad_accum_batch_size=None,  # 1: process the 4 images one at a time (same gradient, less memory)
-    seed=42)
+    seed=42,
+    parallel='ddp')
 checkpoint = dict(keep_last=1, keep_every=1000)
 work_dir = ''  # empty: work_dirs/{config name}
 checkpoint_dir = ''  # empty: checkpoints/{config name}

@@ -1,0 +1,116 @@
+"""Two CPU ranks over gloo through torchrun: DDP equivalence, FSDP2 resharded resume, failures."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = "configs/demo/arcflux_tiny_2nfe.py"
+_port = iter(range(29700, 29800))
+
+
+def common(tiny: Path, **extra) -> dict:
+    base = {"model.pretrained": str(tiny), "model.lora_dropout": 0.0, "val_cfg.num_prompts": 2,
+            "val_cfg.teacher_steps": 4, "eval_interval": 0, "save_interval": 1000}
+    base.update(extra)
+    return base
+
+
+def torchrun(nproc: int, args: list[str], **kwargs) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={next(_port)}", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def worker(nproc: int, work_dir: Path, options: dict) -> dict:
+    out = work_dir / "ranks.json"
+    args = ["tests/dist_worker.py", DEMO, str(work_dir), str(out)] + [f"{k}={v}" for k, v in options.items()]
+    proc = torchrun(nproc, args)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    metrics = [json.loads(line) for line in (work_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"ranks": json.loads(out.read_text())["ranks"], "metrics": metrics}
+
+
+def test_ddp_matches_one_process_with_the_same_global_batch(tiny_flux_dir, tmp_path):
+    one = worker(1, tmp_path / "one", common(tiny_flux_dir, total_iters=3, **{"train_cfg.batch_size": 4}))
+    two = worker(2, tmp_path / "two", common(tiny_flux_dir, total_iters=3, **{"train_cfg.batch_size": 2}))
+    assert two["ranks"][0] == two["ranks"][1]  # replicas stay identical, bit for bit
+    for a, b in zip(one["metrics"], two["metrics"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name, (total, l1) in one["ranks"][0].items():
+        assert two["ranks"][0][name][0] == pytest.approx(total, rel=1e-4, abs=1e-5), name
+        assert two["ranks"][0][name][1] == pytest.approx(l1, rel=1e-4, abs=1e-5), name
+
+
+def test_fsdp_resumes_on_another_world_size(tiny_flux_dir, tmp_path):
+    fsdp = {"train_cfg.parallel": "fsdp", "train_cfg.batch_size": 2, "save_interval": 2}
+    straight = worker(2, tmp_path / "straight", common(tiny_flux_dir, total_iters=4, **fsdp))
+    worker(2, tmp_path / "split", common(tiny_flux_dir, total_iters=2, **fsdp))
+    assert (tmp_path / "split" / "checkpoints" / "iter_0000002" / "state.json").is_file()
+    one_rank = {**fsdp, "train_cfg.batch_size": 4}  # same global batch on one rank
+    resumed = worker(1, tmp_path / "split", common(tiny_flux_dir, total_iters=4, **one_rank))
+    assert [r["iter"] for r in resumed["metrics"]] == [1, 2, 3, 4]
+    for a, b in zip(straight["metrics"][2:], resumed["metrics"][2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    for name, (total, _) in straight["ranks"][0].items():
+        assert resumed["ranks"][0][name][0] == pytest.approx(total, rel=1e-3, abs=1e-4), name
+    # and back from one rank to two
+    again = worker(2, tmp_path / "split", common(tiny_flux_dir, total_iters=5, **fsdp))
+    assert again["metrics"][-1]["iter"] == 5
+
+
+def _rank_process(proc: subprocess.Popen, local_rank: int, timeout: float = 120) -> psutil.Process:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if child.environ().get("LOCAL_RANK") == str(local_rank) and "train.py" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.5)
+    raise AssertionError(f"no process for local rank {local_rank}")
+
+
+def _start_training(tiny: Path, work_dir: Path) -> subprocess.Popen:
+    options = common(tiny, total_iters=10000, save_interval=1, **{"train_cfg.batch_size": 1})
+    args = ["tools/train.py", DEMO, "--launcher", "pytorch", "--work-dir", str(work_dir), "--cfg-options",
+            *[f"{k}={v}" for k, v in options.items()]]
+    return torchrun(2, args)
+
+
+def _wait_for_checkpoint(work_dir: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not list((work_dir / "checkpoints").glob("iter_*/state.json")):
+        assert time.time() < deadline, "training never saved a checkpoint"
+        time.sleep(0.5)
+
+
+def test_a_killed_rank_fails_the_job_and_is_named(tiny_flux_dir, tmp_path):
+    proc = _start_training(tiny_flux_dir, tmp_path / "run")
+    _wait_for_checkpoint(tmp_path / "run")
+    _rank_process(proc, 1).send_signal(signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "rank      : 1 (local_rank: 1)" in output or "local_rank: 1" in output, output[-3000:]
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_cleanly(tiny_flux_dir, tmp_path):
+    proc = _start_training(tiny_flux_dir, tmp_path / "run")
+    _wait_for_checkpoint(tmp_path / "run")
+    _rank_process(proc, 1).send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "received signal 15" in (tmp_path / "run" / "train.log").read_text()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not list(checkpoints.glob(".*partial"))  # nothing half-written
+    assert all((p / "state.json").is_file() for p in checkpoints.glob("iter_*"))
