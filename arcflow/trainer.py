@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from arcflow import checkpoint as ckpt
 from arcflow.backbones import build_backbone
-from arcflow.backbones.base import Conditioning
+from arcflow.backbones.base import Backbone, Conditioning
 from arcflow.config import RunConfig, torch_dtype
 from arcflow.data import Prompt, PromptBatchSampler, read_prompts
 from arcflow.distributed import DistEnv, StopSignal
@@ -70,7 +70,9 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Distils the configured teacher into an n-NFE ArcFlow student on every rank of ``env``."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv = DistEnv(), seed_offset: int = 0):
+    def __init__(self, cfg: RunConfig, env: DistEnv = DistEnv(), seed_offset: int = 0,
+                 backbone: Backbone | None = None, text_encoder: torch.nn.Module | None = None):
+        """``backbone``/``text_encoder`` replace the configured ones (benchmarks on random weights)."""
         self.cfg, self.env = cfg, env
         self.device = env.device
         self.work_dir = Path(cfg.work_dir)
@@ -80,9 +82,9 @@ class Trainer:
         torch.manual_seed(mix_seed(self.seed, seed_offset))  # LoRA initialisation; DDP broadcasts rank 0's
 
         self.compute_dtype = torch_dtype(cfg.model.dtype)
-        self.backbone = build_backbone(cfg.model, self.device, head_seed=self.seed)
+        self.backbone = backbone if backbone is not None else build_backbone(cfg.model, self.device, self.seed)
         self.student = parallelize(self.backbone, cfg.train_cfg.parallel, env, self.compute_dtype)
-        self.text_encoder = build_text_encoder(cfg.model).to(self.device)
+        self.text_encoder = (text_encoder if text_encoder is not None else build_text_encoder(cfg.model)).to(self.device)
         if cfg.train_cfg.parallel == "fsdp":
             shard_text_encoder(self.text_encoder, env)
         d = cfg.distill

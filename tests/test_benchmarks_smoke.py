@@ -103,3 +103,16 @@ def test_meta_student_has_the_real_students_parameters(param_count):
     real = FluxBackbone(FluxTransformer2DModel(**architecture).to(torch.bfloat16), num_modes=4, lora_rank=4,
                         lora_alpha=4.0, lora_dropout=model.lora_dropout, compute_dtype=torch.bfloat16)
     assert signature(param_count.build_student(model, architecture)) == signature(real)
+
+
+def test_gpu_train_check_builds_full_size_on_meta_and_counts_flops():
+    """The GPU script cannot run here; its model construction and FLOP count can."""
+    from arcflow.config import load_config
+
+    script = load_script("gpu_train_check")
+    cfg = load_config(REPO / "configs/flux/arcflux_2nfe_k16.py")
+    backbone = script.build_random_backbone(cfg, torch.device("meta"))
+    assert sum(p.numel() for _, p in backbone.trainable_named_parameters()) == 652_405_884
+    assert all(p.dtype == torch.bfloat16 for p in backbone.parameters() if not p.requires_grad)
+    # ~1.25e14 FLOPs per full-size forward at 1024^2; 16 forward-equivalents per prompt per iteration
+    assert 1.8e15 < script.flops_per_iteration(cfg, batch=1) < 2.2e15
