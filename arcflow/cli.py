@@ -7,13 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import transformers
 from mmengine.config import DictAction
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
+from arcflow.pipelines.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
 
 DEMO_CONFIG = "configs/demo/arcflux_tiny_2nfe.py"
 
@@ -93,9 +93,9 @@ def alignment_table(val_metrics: Path) -> str:
              "| --- | --- | --- | --- |"]
     for name in names:
         rows = [first, last] if name.startswith("student") else [last]
-        for record in rows:
-            lines.append(f"| {name} | {record['iter']} | {record[name + '/latent_mse']:.5f} "
-                         f"| {record[name + '/psnr']:.2f} |")
+        for row in rows:
+            lines.append(f"| {name} | {row['iter']} | {row[name + '/latent_mse']:.5f} "
+                         f"| {row[name + '/psnr']:.2f} |")
     return "\n".join(lines)
 
 
@@ -129,6 +129,14 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--work-dir")
     demo.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     demo.set_defaults(func=run_demo)
+
+    export = commands.add_parser("export", help="export a checkpoint's EMA student as a diffusers adapter folder")
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
+
+    generate = commands.add_parser("generate", help="generate with an exported adapter on its base model")
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
 
     args = parser.parse_args(argv)
     # Per-file "Loading weights" bars of transformers would bury the training progress bar.

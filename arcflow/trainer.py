@@ -70,10 +70,11 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Distils the configured teacher into an n-NFE ArcFlow student on every rank of ``env``."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv = DistEnv(), seed_offset: int = 0,
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, seed_offset: int = 0,
                  backbone: Backbone | None = None, text_encoder: torch.nn.Module | None = None):
         """``backbone``/``text_encoder`` replace the configured ones (benchmarks on random weights)."""
-        self.cfg, self.env = cfg, env
+        self.cfg, self.env = cfg, env or DistEnv()
+        env = self.env
         self.device = env.device
         self.work_dir = Path(cfg.work_dir)
         if env.is_main:
@@ -84,7 +85,9 @@ class Trainer:
         self.compute_dtype = torch_dtype(cfg.model.dtype)
         self.backbone = backbone if backbone is not None else build_backbone(cfg.model, self.device, self.seed)
         self.student = parallelize(self.backbone, cfg.train_cfg.parallel, env, self.compute_dtype)
-        self.text_encoder = (text_encoder if text_encoder is not None else build_text_encoder(cfg.model)).to(self.device)
+        if text_encoder is None:
+            text_encoder = build_text_encoder(cfg.model)
+        self.text_encoder = text_encoder.to(self.device)
         if cfg.train_cfg.parallel == "fsdp":
             shard_text_encoder(self.text_encoder, env)
         d = cfg.distill

@@ -11,7 +11,8 @@ DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 def test_flux_config_has_the_reference_recipe():
     cfg = load_config(FLUX)
     assert cfg.model.pretrained == "black-forest-labs/FLUX.1-dev"
-    assert (cfg.model.num_modes, cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout) == (16, 256, 256, 0.05)
+    m = cfg.model
+    assert (m.num_modes, m.lora_rank, m.lora_alpha, m.lora_dropout) == (16, 256, 256, 0.05)
     d = cfg.distill
     assert (d.nfe, d.shift, d.num_states, d.window_substeps, d.total_substeps, d.dropout, d.loss_scale) == \
         (2, 3.2, 4, 3, 128, 0.1, 30.0)

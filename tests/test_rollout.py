@@ -15,10 +15,10 @@ def sigma_of(tau: float) -> float:
     return SHIFT * tau / (1 + (SHIFT - 1) * tau)
 
 
-def mode_terms(m, l, g, keep, sigma_src, i, pix):
+def mode_terms(m, lg, g, keep, sigma_src, i, pix):
     """Weights, means and rates of sample i at one latent pixel, straight from SPEC §2."""
     k_modes = m.shape[1]
-    logits = [l[i, k, 0][pix].item() if keep[k] else -math.inf for k in range(k_modes)]
+    logits = [lg[i, k, 0][pix].item() if keep[k] else -math.inf for k in range(k_modes)]
     top = max(logits)
     z = sum(math.exp(v - top) for v in logits)
     weights = [math.exp(v - top) / z for v in logits]
@@ -26,14 +26,14 @@ def mode_terms(m, l, g, keep, sigma_src, i, pix):
     return weights, rates
 
 
-def integrate_ref(m, l, g, keep, sigma_src, i, x, s_a, s_b):
+def integrate_ref(m, lg, g, keep, sigma_src, i, x, s_a, s_b):
     """x(s_b) from x(s_a) = x for sample i, using (e^{gh} - 1)/g (h for g = 0)."""
     out = x.clone()
     h = s_a - s_b
     _, c_dim, h_dim, w_dim = m.shape[1:]
     for r in range(h_dim):
         for c in range(w_dim):
-            weights, rates = mode_terms(m, l, g, keep, sigma_src, i, (r, c))
+            weights, rates = mode_terms(m, lg, g, keep, sigma_src, i, (r, c))
             for k, (wk, gk) in enumerate(zip(weights, rates)):
                 if wk == 0.0:
                     continue
@@ -42,7 +42,7 @@ def integrate_ref(m, l, g, keep, sigma_src, i, x, s_a, s_b):
     return out
 
 
-def reference_segment(m, l, g, teacher, x_src, tau_src, S, rho, cfg, keep, u_student, u_teacher):
+def reference_segment(m, lg, g, teacher, x_src, tau_src, S, rho, cfg, keep, u_student, u_teacher):
     """One student step of SPEC §4, sample by sample, with the uniforms given."""
     B, K = m.shape[:2]
     T = cfg.total_substeps
@@ -60,23 +60,24 @@ def reference_segment(m, l, g, teacher, x_src, tau_src, S, rho, cfg, keep, u_stu
         for j in range(cfg.num_states):
             tau_a = max(tau - a[j], 0.0)
             tau_b = max(tau_a - b[j], 0.0)
-            x_a = integrate_ref(m, l, g, kept, sigma_src, i, x, sigma_of(tau), sigma_of(tau_a))
+            x_a = integrate_ref(m, lg, g, kept, sigma_src, i, x, sigma_of(tau), sigma_of(tau_a))
             u_t = teacher(x_a[None], torch.tensor([sigma_of(tau_a)], dtype=torch.float64))[0]
             all_modes = [True] * K
             if round((tau_a - (tau_b - w)) * T) < 2:
                 eps = 1e-7  # instantaneous velocity by a tiny exact step
-                x1 = integrate_ref(m, l, g, all_modes, sigma_src, i, torch.zeros_like(x), sigma_of(tau_a),
+                x1 = integrate_ref(m, lg, g, all_modes, sigma_src, i, torch.zeros_like(x), sigma_of(tau_a),
                                    sigma_of(tau_a) - eps)
                 u_s = -x1 / eps
             else:
                 s_from, s_to = sigma_of(tau_a), sigma_of(tau_b - w)
-                x1 = integrate_ref(m, l, g, all_modes, sigma_src, i, torch.zeros_like(x), s_from, s_to)
+                x1 = integrate_ref(m, lg, g, all_modes, sigma_src, i, torch.zeros_like(x), s_from, s_to)
                 u_s = -x1 / (s_from - s_to)
             sq_sum += float(((u_s - u_t) ** 2).sum())
             count += u_s.numel()
             x = x_a + u_t * (sigma_of(tau_b) - sigma_of(tau_a))
             tau = tau_b
-        x_next.append(integrate_ref(m, l, g, kept, sigma_src, i, x, sigma_of(tau), sigma_of(max(tau_src[i].item() - S, 0))))
+        tau_next = max(tau_src[i].item() - S, 0)
+        x_next.append(integrate_ref(m, lg, g, kept, sigma_src, i, x, sigma_of(tau), sigma_of(tau_next)))
     return cfg.loss_scale * 0.5 * sq_sum / count, torch.stack(x_next)
 
 
@@ -91,11 +92,11 @@ def test_segment_loss_matches_spec_transcription(rho, S, tau0):
     B, K, C, H, W = 3, 4, 2, 2, 2
     cfg = RolloutConfig(shift=SHIFT, dropout=0.3)
     m = torch.randn(B, K, C, H, W, dtype=torch.float64)
-    l = torch.randn(B, K, 1, H, W, dtype=torch.float64)
+    lg = torch.randn(B, K, 1, H, W, dtype=torch.float64)
     g = torch.randn(B, K - 1, 1, H, W, dtype=torch.float64) * 2
     x_src = torch.randn(B, C, H, W, dtype=torch.float64)
     tau_src = torch.full((B,), tau0, dtype=torch.float64)
-    policy = ArcFlowPolicy(m, l, g, torch.tensor([sigma_of(tau0)] * B, dtype=torch.float64))
+    policy = ArcFlowPolicy(m, lg, g, torch.tensor([sigma_of(tau0)] * B, dtype=torch.float64))
 
     noise = RolloutNoise.draw(B, K, cfg, torch.Generator().manual_seed(7))
     loss, x_next = segment_loss(policy, linear_teacher, x_src, tau_src, S, rho, cfg, noise)
@@ -105,7 +106,7 @@ def test_segment_loss_matches_spec_transcription(rho, S, tau0):
     u_student = noise.student.double().tolist()
     u_teacher = noise.teacher.double().tolist()
     keep = (~dropped).tolist()
-    ref_loss, ref_next = reference_segment(m, l, g, linear_teacher, x_src, tau_src, S, rho, cfg, keep,
+    ref_loss, ref_next = reference_segment(m, lg, g, linear_teacher, x_src, tau_src, S, rho, cfg, keep,
                                            u_student, u_teacher)
     assert loss.item() == pytest.approx(ref_loss, rel=1e-6)
     torch.testing.assert_close(x_next, ref_next, rtol=1e-7, atol=1e-9)
@@ -115,16 +116,16 @@ def test_gradient_flows_only_through_the_student_velocities():
     torch.manual_seed(1)
     B, K, C, H, W = 2, 3, 2, 2, 2
     m = torch.randn(B, K, C, H, W, requires_grad=True)
-    l = torch.randn(B, K, 1, H, W, requires_grad=True)
+    lg = torch.randn(B, K, 1, H, W, requires_grad=True)
     g = torch.randn(B, K - 1, 1, H, W, requires_grad=True)
-    policy = ArcFlowPolicy(m, l, g, torch.ones(B))
+    policy = ArcFlowPolicy(m, lg, g, torch.ones(B))
     x_src = torch.randn(B, C, H, W)
     cfg = RolloutConfig()
     loss, x_next = segment_loss(policy, linear_teacher, x_src, torch.ones(B), 0.5, 0.5, cfg,
                                 RolloutNoise.draw(B, K, cfg))
     assert not x_next.requires_grad
     loss.backward()
-    for t in (m, l, g):
+    for t in (m, lg, g):
         assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
 
 
@@ -145,12 +146,12 @@ def test_rollout_with_rho_one_follows_the_teacher():
 def test_micro_batches_see_the_same_draws_as_the_full_batch():
     torch.manual_seed(3)
     B, K, C, H, W = 4, 3, 2, 2, 2
-    m, l, g = torch.randn(B, K, C, H, W), torch.randn(B, K, 1, H, W), torch.randn(B, K - 1, 1, H, W)
+    m, lg, g = torch.randn(B, K, C, H, W), torch.randn(B, K, 1, H, W), torch.randn(B, K - 1, 1, H, W)
     x_src, tau = torch.randn(B, C, H, W), torch.ones(B)
     cfg = RolloutConfig()
     noise = RolloutNoise.draw(B, K, cfg, torch.Generator().manual_seed(0))
-    full_loss, full_next = segment_loss(ArcFlowPolicy(m, l, g, tau), linear_teacher, x_src, tau, 0.5, 0.4, cfg, noise)
-    parts = [segment_loss(ArcFlowPolicy(m[s], l[s], g[s], tau[s]), linear_teacher, x_src[s], tau[s], 0.5, 0.4,
+    full_loss, full_next = segment_loss(ArcFlowPolicy(m, lg, g, tau), linear_teacher, x_src, tau, 0.5, 0.4, cfg, noise)
+    parts = [segment_loss(ArcFlowPolicy(m[s], lg[s], g[s], tau[s]), linear_teacher, x_src[s], tau[s], 0.5, 0.4,
                           cfg, noise[s]) for s in (slice(0, 1), slice(1, 4))]
     torch.testing.assert_close(sum(w * p[0] for w, p in zip((0.25, 0.75), parts)), full_loss)
     torch.testing.assert_close(torch.cat([p[1] for p in parts]), full_next)
