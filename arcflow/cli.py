@@ -84,6 +84,15 @@ def run_demo(args: argparse.Namespace) -> None:
     print(alignment_table(Path(cfg.work_dir) / "val_metrics.jsonl"))
 
 
+def run_cache(args: argparse.Namespace) -> None:
+    """``arcflow cache verify CONFIG``: check every shard of the config's cache against its manifest."""
+    from arcflow.embedding_cache import verify_cache
+
+    problems = verify_cache(load_config(args.config, dict(args.cfg_options or {})).data.data_root)
+    if problems:
+        raise SystemExit("\n".join(["cache verify FAILED:", *problems]))
+
+
 def alignment_table(val_metrics: Path) -> str:
     """Markdown table: the student's alignment at the first and last validation, and the teacher's few-step Euler."""
     records = [json.loads(line) for line in val_metrics.read_text().splitlines() if line.strip()]
@@ -137,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     generate = commands.add_parser("generate", help="generate with an exported adapter on its base model")
     add_generate_arguments(generate)
     generate.set_defaults(func=run_generate)
+
+    cache = commands.add_parser("cache", help="the prompt-embedding cache: 'verify CONFIG' checks every shard")
+    cache.add_argument("action", choices=["verify"])
+    cache.add_argument("config")
+    cache.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    cache.set_defaults(func=run_cache)
 
     args = parser.parse_args(argv)
     # Per-file "Loading weights" bars of transformers would bury the training progress bar.

@@ -93,20 +93,69 @@ class TrainConfig:
 
 @dataclass
 class PromptsConfig:
-    """A plain prompt file: one prompt per line, or JSONL with prompt/height/width."""
+    """One split of the prompt set: a row range of its source, and how its prompts make batches."""
 
+    source: str = ""
+    """Hub dataset id (``datasets.load_dataset``) or a local file/folder (txt, jsonl, parquet, csv);
+    empty: ``data.source``."""
     prompt_file: str = ""
-    height: int = 1024
-    width: int = 1024
+    """Older name of ``source`` (a local file), still read so existing configs keep working."""
+    split: str = "train"
+    """The ``datasets`` split to read (local files have only 'train')."""
     start_ind: int = 0
     end_ind: int | None = None
+    """Rows [start_ind, end_ind) of the source, Python-style: start_ind=-128 is the last 128."""
+    max_size: int | None = None
+    """Only the first max_size valid prompts of the range (the cache tool's --max-size)."""
     repeat: int = 1
+    """Each prompt this many times (validation: several fixed noises per prompt)."""
+    height: int = 1024
+    width: int = 1024
+    """Image size of prompts without height/width columns, and of every prompt when bucketize is off."""
+    bucketize: bool = True
+    """Each prompt's own height/width picks its latent shape (aspect-ratio buckets)."""
+    skip_invalid: bool = False
+    """Skip rows with an empty prompt or a bad size (counted and logged) instead of stopping."""
+
+
+CACHE_MODES = ("auto", "always", "never")
 
 
 @dataclass
 class DataConfig:
+    """Prompt sets and where their embedding cache lives (see arcflow.data for the cache rule)."""
+
+    source: str = ""
+    """Default prompt set of both splits: hub dataset id or local file/folder."""
+    data_root: str = ""
+    """Cache written by tools/cache_image_prompt_data.py ({data_root}/train, {data_root}/val)."""
+    cache: str = "auto"
+    """'auto': the cache when complete, else embed on the fly with model.text_encoder;
+    'always': the cache or an error; 'never': always embed on the fly."""
+    shard_size: int = 2048
+    """Prompts per cache shard file."""
     train: PromptsConfig = field(default_factory=PromptsConfig)
     val: PromptsConfig = field(default_factory=PromptsConfig)
+
+    def __post_init__(self) -> None:
+        if self.cache not in CACHE_MODES:
+            raise _error("data.cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.shard_size < 1:
+            raise _error("data.shard_size", f"must be >= 1, got {self.shard_size}")
+        for name in ("train", "val"):
+            split: PromptsConfig = getattr(self, name)
+            if split.source and split.prompt_file and split.source != split.prompt_file:
+                raise _error(f"data.{name}.prompt_file", f"{split.prompt_file!r} contradicts data.{name}.source "
+                             f"{split.source!r}; set only source")
+            split.source = split.source or split.prompt_file or self.source
+            for key in ("height", "width"):
+                value = getattr(split, key)
+                if value <= 0 or value % 16:
+                    raise _error(f"data.{name}.{key}", f"must be a positive multiple of 16, got {value}")
+            if split.repeat < 1:
+                raise _error(f"data.{name}.repeat", f"must be >= 1, got {split.repeat}")
+            if split.max_size is not None and split.max_size < 1:
+                raise _error(f"data.{name}.max_size", f"must be >= 1 or None, got {split.max_size}")
 
 
 @dataclass

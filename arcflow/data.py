@@ -1,110 +1,295 @@
-"""Prompts for training and validation, and a resumable sampler of same-shape batches.
+"""Prompts as training batches: aspect-ratio buckets dealt to the ranks, with their conditioning.
 
-A prompt file is plain text (one prompt per line) or JSONL (``prompt`` plus optional
-``height``/``width``). Batches only group prompts of one image size, so every batch has
-one latent shape; the sampler's position is part of the checkpoint.
+The trainer uses :func:`build_train_data` (this rank's batches, one image size each, and their
+text conditioning; the position is part of the checkpoint) and :func:`build_val_data` (fixed
+validation prompts and an ``encode`` function for :class:`arcflow.evaluation.Validator`).
+
+Where the conditioning comes from is decided once per run by :func:`embedding_source`:
+
+* ``data.cache='never'``: embed on the fly with ``build_text_encoder(cfg.model)``.
+* ``data.cache='always'``: read the cache under ``data.data_root``; an error unless complete.
+* ``data.cache='auto'`` (default):
+    - cache complete (every split has its manifest): read it; the text encoder is not loaded.
+      If ``model.text_encoder`` is set too, its type and max_sequence_length must match the
+      encoder the cache was built with (else an error: the two paths would differ);
+    - cache started but not complete: an error (finish it by rerunning the cache tool, or set
+      ``data.cache='never'``): silently embedding on the fly would hide an unfinished job;
+    - no cache, ``model.text_encoder`` set (the seed's switch): embed on the fly;
+    - neither: an error naming both ways out.
 """
 
 from __future__ import annotations
 
-import json
-from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
+import logging
+from typing import Any, Callable
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
-from arcflow.config import PromptsConfig
+from arcflow.config import PromptsConfig, RunConfig, torch_dtype
+from arcflow.embedding_cache import SPLITS, CachedSplit, cache_status, split_dir
+from arcflow.prompt_sources import Prompt, PromptTable, load_prompt_table, source_identity
+
+__all__ = ["Prompt", "BucketBatchSampler", "PromptBatchSampler", "TrainData", "ValData", "build_train_data",
+           "build_val_data", "embedding_source", "read_prompts"]
+
+log = logging.getLogger("arcflow")
+
+Conditioning = dict[str, Tensor]
+CACHE_TOOL = "tools/cache_image_prompt_data.py CONFIG --text-encoder TEXT_ENCODER_CONFIG"
 
 
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    height: int
-    width: int
+def _sized(table: PromptTable, cfg: PromptsConfig) -> PromptTable:
+    """Bucketing on: each prompt keeps its own size; off: every prompt at the configured size."""
+    return table if cfg.bucketize else table.with_size(cfg.height, cfg.width)
 
 
-def read_prompts(cfg: PromptsConfig, size_multiple: int = 16) -> list[Prompt]:
-    """Load, validate and slice a prompt file as the config says."""
-    path = Path(cfg.prompt_file)
-    if not cfg.prompt_file or not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: '{cfg.prompt_file}' (set data.*.prompt_file in the config)")
-    is_jsonl = path.suffix in (".jsonl", ".json")
-    prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        if is_jsonl:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{where}: expected an object with a string 'prompt'")
-            text = record["prompt"]
-            height, width = record.get("height", cfg.height), record.get("width", cfg.width)
-        else:
-            text, height, width = line.strip(), cfg.height, cfg.width
-        if not text.strip():
-            raise ValueError(f"{where}: empty prompt")
-        for key, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % size_multiple:
-                raise ValueError(f"{where}: {key} {value!r} is not a positive multiple of {size_multiple}")
-        prompts.append(Prompt(text.strip(), height, width))
-    selected = prompts[cfg.start_ind:cfg.end_ind] * cfg.repeat
-    if not selected:
-        raise ValueError(f"{path}: no prompts in [start_ind={cfg.start_ind}, end_ind={cfg.end_ind}]")
-    return selected
+def read_prompts(cfg: PromptsConfig, key: str = "data.train") -> list[Prompt]:
+    """A split's prompts as training sees them (sizes per ``bucketize``, ``repeat`` applied)."""
+    table = _sized(load_prompt_table(cfg, key), cfg)
+    return [table.prompt(i) for i in range(len(table))] * cfg.repeat
+
+
+def bucket_ids(heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
+    """One small integer per distinct (height, width): the latent-shape bucket of each prompt."""
+    keys = heights.astype(np.int64) << 32 | widths.astype(np.int64)
+    return np.unique(keys, return_inverse=True)[1].reshape(-1)
+
+
+class BucketBatchSampler:
+    """Endless batches of one image size, dealt to the ranks from one world-size-free sequence.
+
+    Epoch ``e`` shuffles the items with ``(seed, e)``, cuts each bucket into batches of
+    ``batch_size`` (its last batch topped up from the bucket's start, so every item appears each
+    epoch and a bucket smaller than a batch still trains) and shuffles the batches. The sequence
+    of batches depends only on (seed, each item's bucket, batch_size). At every step rank ``r`` of
+    ``W`` takes batch ``position + r`` and all ranks advance ``position`` by ``W``.
+
+    The state is ``position``, the number of batches handed out by all ranks together. "The same
+    sequence" after a resume with ``W'`` ranks means: the next step's ``W'`` batches are the next
+    ``W'`` of the sequence, so no batch is skipped or repeated, whatever the number of ranks.
+    """
+
+    def __init__(self, buckets: np.ndarray, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if len(buckets) == 0:
+            raise ValueError("no prompts to sample from")
+        self.buckets = np.asarray(buckets, np.int64)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        counts = np.bincount(self.buckets)
+        self.batches_per_epoch = int(sum(-(-int(c) // batch_size) for c in counts if c))
+        self.position = 0
+        self._epoch, self._batches = -1, np.zeros((0, batch_size), np.int64)
+
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """(batches_per_epoch, batch_size) item indices of one epoch."""
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+            order = torch.randperm(len(self.buckets), generator=generator).numpy()
+            order = order[np.argsort(self.buckets[order], kind="stable")]  # grouped by bucket, shuffled within
+            batches = []
+            for items in np.split(order, np.cumsum(np.bincount(self.buckets))[:-1]):
+                if len(items):
+                    short = -len(items) % self.batch_size
+                    batches.append(np.concatenate([items, np.resize(items, short)]).reshape(-1, self.batch_size))
+            stacked = np.concatenate(batches)
+            self._batches = stacked[torch.randperm(len(stacked), generator=generator).numpy()]
+            self._epoch = epoch
+        return self._batches
+
+    def next_indices(self) -> np.ndarray:
+        """This rank's next batch: ``batch_size`` item indices of one bucket."""
+        number = self.position + self.rank
+        batch = self.epoch_batches(number // self.batches_per_epoch)[number % self.batches_per_epoch]
+        self.position += self.world_size
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_items": len(self.buckets),
+                "batches_per_epoch": self.batches_per_epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the saved sequence (its seed wins); prompts and batch size must be unchanged."""
+        for key, mine in (("num_items", len(self.buckets)), ("batch_size", self.batch_size),
+                          ("batches_per_epoch", self.batches_per_epoch)):
+            if int(state[key]) != mine:
+                raise ValueError(f"checkpoint's data position is for {key}={state[key]}, this run has {mine} "
+                                 "(prompt set, buckets or train_cfg.batch_size changed since it was saved)")
+        self.seed, self.position = int(state["seed"]), int(state["position"])
+        self._epoch = -1
 
 
 class PromptBatchSampler:
-    """Endless, reshuffled-per-epoch batches of prompt indices sharing one image size.
-
-    Deterministic in (seed, epoch); ``state_dict`` records the position so a resumed run
-    draws exactly the batches the interrupted one would have drawn.
-    """
+    """A prompt list over :class:`BucketBatchSampler` in one process (the trainer's pre-TrainData API)."""
 
     def __init__(self, prompts: list[Prompt], batch_size: int, seed: int):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.prompts = prompts
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._batches = self._epoch_batches(0)
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index in torch.randperm(len(self.prompts), generator=generator).tolist():
-            p = self.prompts[index]
-            groups[(p.height, p.width)].append(index)
-        batches = []
-        for indices in groups.values():
-            # Wrap around so a group smaller than the batch still yields full batches.
-            repeats = -(-self.batch_size // len(indices))
-            padded = indices * repeats if len(indices) < self.batch_size else indices
-            full = len(padded) - len(padded) % self.batch_size
-            batches += [padded[i:i + self.batch_size] for i in range(0, full, self.batch_size)]
-        order = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in order]
+        heights = np.array([p.height for p in prompts], np.int64)
+        widths = np.array([p.width for p in prompts], np.int64)
+        self.sampler = BucketBatchSampler(bucket_ids(heights, widths), batch_size, seed)
 
     def next_batch(self) -> list[Prompt]:
-        if self.position >= len(self._batches):
-            self.epoch += 1
-            self.position = 0
-            self._batches = self._epoch_batches(self.epoch)
-        batch = self._batches[self.position]
-        self.position += 1
-        return [self.prompts[i] for i in batch]
+        return [self.prompts[i] for i in self.sampler.next_indices()]
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+        return self.sampler.state_dict()
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._batches = self._epoch_batches(self.epoch)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# -- where the conditioning comes from ---------------------------------------------------------
+def _check_cache_matches(cfg: RunConfig) -> None:
+    """The complete cache must hold what the config describes (see the module docstring)."""
+    problems = []
+    for name in SPLITS:
+        manifest = CachedSplit.read_manifest(split_dir(cfg.data.data_root, name))
+        split = getattr(cfg.data, name)
+        wanted = {**source_identity(split), "max_size": split.max_size}
+        cached = {**manifest["source"], "max_size": manifest.get("max_size")}
+        for key, value in wanted.items():
+            if key == "max_size" and value is None:
+                continue  # no limit in the config: take what was cached (the tool's --max-size)
+            if cached.get(key) != value:
+                problems.append(f"data.{name}.{key}: cache {cached.get(key)!r}, config {value!r}")
+    encoder = cfg.model.text_encoder
+    built = CachedSplit.read_manifest(split_dir(cfg.data.data_root, "train"))["encoder"]
+    if encoder is not None:
+        for key in ("type", "max_sequence_length"):
+            if built.get(key) != getattr(encoder, key):
+                problems.append(f"model.text_encoder.{key}: cache {built.get(key)!r}, config {getattr(encoder, key)!r}")
+    if problems:
+        raise ValueError(f"the prompt-embedding cache under {cfg.data.data_root} does not match the config: "
+                         f"{'; '.join(problems)}. Rebuild it ({CACHE_TOOL}; remove the split folder first), "
+                         "point data.data_root elsewhere, or set data.cache='never' to embed on the fly")
+    pretrained = (encoder.pretrained if encoder else None) or cfg.model.pretrained
+    if built.get("pretrained") != pretrained:
+        log.warning("cache under %s was built from text encoders at %r; the model is %r",
+                    cfg.data.data_root, built.get("pretrained"), pretrained)
+
+
+def embedding_source(cfg: RunConfig) -> str:
+    """'cache' or 'encoder', by the rule in the module docstring; an error says how to fix it."""
+    mode, root = cfg.data.cache, cfg.data.data_root
+    if mode == "never":
+        return "encoder"
+    status = cache_status(root)
+    if status == "complete":
+        _check_cache_matches(cfg)
+        return "cache"
+    where = f"under data.data_root={root!r}" if root else "(data.data_root is empty)"
+    if mode == "always" or status == "incomplete":
+        state = "is not complete" if status == "incomplete" else "does not exist"
+        raise FileNotFoundError(f"the prompt-embedding cache {where} {state} and data.cache={mode!r}: "
+                                f"(re)run {CACHE_TOOL} to finish it, or set data.cache='never' to embed on the fly")
+    if cfg.model.text_encoder is None:
+        raise FileNotFoundError(f"no prompt-embedding cache {where} and no model.text_encoder: build the cache "
+                                f"({CACHE_TOOL}), or add text_encoder=dict(type='PretrainedFluxTextEncoder') to model "
+                                "in the config to embed prompts on the fly")
+    return "encoder"
+
+
+def _build_encoder(cfg: RunConfig, device: torch.device) -> nn.Module:
+    # Imported here: transformers is heavy, and reading the cache never needs it.
+    from arcflow.text_encoders import build_text_encoder
+
+    return build_text_encoder(cfg.model).to(device)
+
+
+def _encode_with(encoder: nn.Module, device: torch.device, dtype: torch.dtype) -> Callable[[list[str]], Conditioning]:
+    def encode(texts: list[str]) -> Conditioning:
+        return {k: v.to(device=device, dtype=dtype) for k, v in encoder.encode(texts).items()}
+    return encode
+
+
+class TrainData:
+    """This rank's training batches: prompts of one image size and their conditioning."""
+
+    def __init__(self, table: PromptTable, sampler: BucketBatchSampler,
+                 condition: Callable[[np.ndarray, list[Prompt]], Conditioning], source: str,
+                 text_encoder: nn.Module | None = None):
+        self.table, self.sampler, self._condition = table, sampler, condition
+        self.source = source
+        """'cache' or 'encoder'."""
+        self.text_encoder = text_encoder
+        """The on-the-fly encoder (None when reading the cache), e.g. for sharding or validation."""
+
+    def next_batch(self) -> tuple[list[Prompt], Conditioning]:
+        """This rank's next prompts (one shape) and their conditioning on the device, in the model dtype."""
+        rows = self.sampler.next_indices() % len(self.table)
+        prompts = [self.table.prompt(int(r)) for r in rows]
+        return prompts, self._condition(rows, prompts)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the global batch sequence: JSON-serialisable, independent of the world size."""
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, world_size: int, seed: int) -> TrainData:
+    """The trainer's data. ``seed`` orders the batches and must be equal on every rank
+    (``train_cfg.seed``, not a ``--diff_seed`` per-rank seed), or ranks would overlap."""
+    device, dtype = torch.device(device), torch_dtype(cfg.model.dtype)
+    source, split = embedding_source(cfg), cfg.data.train
+    encoder = None
+    if source == "cache":
+        cache = CachedSplit(split_dir(cfg.data.data_root, "train"))
+        table = cache.table
+
+        def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
+            return cache.load(rows, device, dtype)
+        where = f"cache {cache.directory}"
+    else:
+        table = load_prompt_table(split, "data.train")
+        encoder = _build_encoder(cfg, device)
+        encode = _encode_with(encoder, device, dtype)
+
+        def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
+            return encode([p.text for p in prompts])
+        where = f"text encoder {(cfg.model.text_encoder and cfg.model.text_encoder.type) or 'default'} (on the fly)"
+    table = _sized(table, split)
+    buckets = np.tile(bucket_ids(table.heights, table.widths), split.repeat)
+    sampler = BucketBatchSampler(buckets, cfg.train_cfg.batch_size, seed, rank, world_size)
+    log.info("training prompts: %d (x%d), %d size buckets, %d batches per epoch; conditioning from %s",
+             len(table), split.repeat, int(buckets.max()) + 1, sampler.batches_per_epoch, where)
+    return TrainData(table, sampler, condition, source, encoder)
+
+
+class ValData:
+    """Fixed validation prompts (``repeat`` copies get their own noise) and how to condition them."""
+
+    def __init__(self, prompts: list[Prompt], encode: Callable[[list[str]], Conditioning]):
+        self.prompts = prompts
+        self.encode = encode
+
+
+def build_val_data(cfg: RunConfig, device: torch.device | str, train: TrainData | None = None) -> ValData:
+    """Validation prompts and ``encode(texts)``; reuses ``train``'s text encoder when embedding on the fly."""
+    device, dtype = torch.device(device), torch_dtype(cfg.model.dtype)
+    split = cfg.data.val
+    if embedding_source(cfg) == "cache":
+        cache = CachedSplit(split_dir(cfg.data.data_root, "val"))
+        table = cache.table
+        row_of: dict[str, int] = {}
+        for i in range(len(table)):
+            row_of.setdefault(table.texts[i].as_py(), i)
+
+        def encode(texts: list[str]) -> Conditioning:
+            missing = [t for t in texts if t not in row_of]
+            if missing:
+                raise KeyError(f"prompts not in the validation cache {cache.directory}: {missing[:3]}")
+            return cache.load([row_of[t] for t in texts], device, dtype)
+    else:
+        table = load_prompt_table(split, "data.val")
+        encoder = train.text_encoder if train is not None and train.text_encoder is not None else \
+            _build_encoder(cfg, device)
+        encode = _encode_with(encoder, device, dtype)
+    table = _sized(table, split)
+    return ValData([table.prompt(i) for i in range(len(table))] * split.repeat, encode)
+

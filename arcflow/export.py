@@ -11,7 +11,6 @@ a checkpoint of another run or a partial one fails here and not at sampling time
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -22,15 +21,14 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
-from mmengine.config import DictAction
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from arcflow import checkpoint as ckpt
-from arcflow.backbones.flux import ADAPTER_NAME, LORA_TARGETS
-from arcflow.config import RunConfig, load_config
+from arcflow.backbones.flux import ADAPTER_NAME, LORA_TARGETS, PATCH
+from arcflow.config import RunConfig
 from arcflow.pipelines.adapter import (CONFIG_FILE, DTYPES, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
                                        lora_metadata, student_output_layers)
 
@@ -48,7 +46,7 @@ Exported from training iteration {iteration} (EMA weights). Load it on the base 
 import torch
 from arcflow.pipelines import ArcFluxPipeline
 
-pipe = ArcFluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+pipe = ArcFluxPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipe.load_arcflow_adapter("path/to/this/folder")
 image = pipe("a prompt", num_inference_steps={nfe}).images[0]
 ```
@@ -100,14 +98,15 @@ def _check_against_config(found: dict[str, tuple[int, ...]], expected: dict[str,
     where = f"checkpoint '{path}' does not match config '{cfg.name}'"
     logits = _STUDENT_PREFIXES["heads"] + "logits.bias"
     if logits in found and found[logits] != expected[logits]:
-        raise ValueError(f"{where}: it has K={found[logits][0] // 4} modes, model.num_modes={cfg.model.num_modes}")
+        modes = found[logits][0] // PATCH**2
+        raise ValueError(f"{where}: it has K={modes} modes, model.num_modes={cfg.model.num_modes}")
     ranks = {shape[0] for key, shape in found.items() if ".lora_A." in key}
     if ranks and ranks != {cfg.model.lora_rank}:
         raise ValueError(f"{where}: its LoRA rank is {sorted(ranks)}, model.lora_rank={cfg.model.lora_rank}")
     check_shapes(found, expected, where)
 
 
-def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, Tensor], int, Path]:
+def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, Tensor], int]:
     """The EMA weights of the checkpoint (or a run dir's latest), checked against ``cfg``."""
     if cfg.model.backbone != "flux":
         raise ValueError(f"config key 'model.backbone': export supports 'flux', got {cfg.model.backbone!r}")
@@ -122,7 +121,7 @@ def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, 
     with warnings.catch_warnings():  # DCP notes that it runs without a process group: intended here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         state = ckpt.load_checkpoint(path, {"ema": ema})
-    return ema, int(state["iteration"]), path
+    return ema, int(state["iteration"])
 
 
 def split_student_state(ema: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -180,7 +179,7 @@ def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, 
     """Checkpoint (EMA) -> adapter folder; returns the folder."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ema, iteration, _ = read_student_ema(cfg, checkpoint)
+    ema, iteration = read_student_ema(cfg, checkpoint)
     lora, heads = split_student_state(ema)
     model, distill = cfg.model, cfg.distill
     config = AdapterConfig(
@@ -189,27 +188,3 @@ def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, 
         lora_rank=model.lora_rank, lora_alpha=float(model.lora_alpha), lora_dropout=model.lora_dropout,
         dtype=dtype, iteration=iteration)
     return write_adapter(out_dir, lora, heads, config)
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="the run config the checkpoint was trained with")
-    parser.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
-    parser.add_argument("--out-dir", required=True, help="adapter folder to write (replaced if it is one already)")
-    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the exported tensors")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                        help="override config keys, e.g. model.pretrained=/path/to/FLUX.1-dev")
-
-
-def run_export(args: argparse.Namespace) -> Path:
-    cfg = load_config(args.config, dict(args.cfg_options or {}))
-    out = export_adapter(cfg, args.ckpt, args.out_dir, args.dtype)
-    sizes = ", ".join(f"{p.name} {p.stat().st_size / 2**20:.1f} MiB" for p in sorted(out.iterdir()))
-    print(f"wrote {out}: {sizes}")
-    return out
-
-
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="export_arcflow_to_diffusers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_export_arguments(parser)
-    return run_export(parser.parse_args(argv))

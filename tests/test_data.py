@@ -1,63 +1,137 @@
-"""Prompt files and the resumable same-shape batch sampler."""
+"""The bucket sampler (distributed, resumable across world sizes) and where conditioning comes from."""
+
+from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from arcflow.config import PromptsConfig
-from arcflow.data import Prompt, PromptBatchSampler, read_prompts
+from arcflow.config import PromptsConfig, load_config
+from arcflow.data import BucketBatchSampler, Prompt, PromptBatchSampler, embedding_source, read_prompts
+
+DEMO = Path(__file__).resolve().parents[1] / "configs/demo/arcflux_tiny_2nfe.py"
+BUCKETS = np.array([0] * 11 + [1] * 7 + [2] * 2 + [3] * 5)  # 25 items; bucket 2 is smaller than a batch
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text)
-    return str(path)
+def run(world_size: int, steps: int, state: dict | None = None, batch_size: int = 3) -> tuple[list, list[dict]]:
+    """``steps`` steps on ``world_size`` ranks: the batches in (step, rank) order, and every rank's final state."""
+    samplers = [BucketBatchSampler(BUCKETS, batch_size, seed=7, rank=r, world_size=world_size)
+                for r in range(world_size)]
+    for sampler in samplers:
+        if state is not None:
+            sampler.load_state_dict(json.loads(json.dumps(state)))
+    batches = [sampler.next_indices().tolist() for _ in range(steps) for sampler in samplers]
+    return batches, [s.state_dict() for s in samplers]
 
 
-def test_text_and_jsonl(tmp_path):
-    txt = write(tmp_path, "p.txt", "a red circle\n\n  a blue square  \n")
-    assert read_prompts(PromptsConfig(prompt_file=txt, height=64, width=32)) == [
-        Prompt("a red circle", 64, 32), Prompt("a blue square", 64, 32)]
-    lines = [{"prompt": "x", "height": 128, "width": 64}, {"prompt": "y"}]
-    jsonl = write(tmp_path, "p.jsonl", "\n".join(json.dumps(r) for r in lines))
-    assert read_prompts(PromptsConfig(prompt_file=jsonl, height=32, width=32)) == [
-        Prompt("x", 128, 64), Prompt("y", 32, 32)]
+def test_batches_have_one_bucket_and_an_epoch_uses_every_item():
+    sampler = BucketBatchSampler(BUCKETS, 3, seed=7)
+    epoch = [sampler.next_indices() for _ in range(sampler.batches_per_epoch)]
+    assert sampler.batches_per_epoch == 4 + 3 + 1 + 2
+    assert all(len(set(BUCKETS[b])) == 1 and len(b) == 3 for b in epoch)
+    assert set(np.concatenate(epoch).tolist()) == set(range(len(BUCKETS)))
+    following = [sampler.next_indices() for _ in range(sampler.batches_per_epoch)]
+    assert [b.tolist() for b in following] != [b.tolist() for b in epoch]  # reshuffled each epoch
+    again = BucketBatchSampler(BUCKETS, 3, seed=7)
+    assert [again.next_indices().tolist() for _ in range(len(epoch))] == [b.tolist() for b in epoch]
 
 
-def test_slicing_and_repeat(tmp_path):
-    txt = write(tmp_path, "p.txt", "\n".join(f"prompt {i}" for i in range(10)))
-    got = read_prompts(PromptsConfig(prompt_file=txt, start_ind=-3, repeat=2))
-    assert [p.text for p in got] == ["prompt 7", "prompt 8", "prompt 9"] * 2
+def test_ranks_split_each_step_of_the_one_global_sequence():
+    single, _ = run(world_size=1, steps=24)
+    double, states = run(world_size=2, steps=12)
+    assert double == single  # step t: rank 0 takes batch 2t, rank 1 batch 2t+1
+    assert all(s == states[0] for s in states) and states[0]["position"] == 24
 
 
-@pytest.mark.parametrize("line,message", [
-    ('{"text": "x"}', "string 'prompt'"),
-    ('{"prompt": "  "}', "empty prompt"),
-    ('{"prompt": "x", "height": 100}', "height 100"),
-    ('{"prompt": "x", "width": -16}', "width -16"),
-    ('{"prompt": "x"', "not valid JSON"),
-])
-def test_bad_lines_are_named(tmp_path, line, message):
-    path = write(tmp_path, "bad.jsonl", '{"prompt": "fine"}\n' + line + "\n")
-    with pytest.raises(ValueError, match=message) as err:
-        read_prompts(PromptsConfig(prompt_file=path))
-    assert "bad.jsonl:2" in str(err.value)
+@pytest.mark.parametrize("new_world_size", [1, 2, 3])
+def test_resume_continues_the_same_sequence_with_any_number_of_ranks(new_world_size):
+    straight, _ = run(world_size=1, steps=30)
+    first, states = run(world_size=2, steps=5)  # crosses no epoch; the rest crosses two
+    rest, _ = run(world_size=new_world_size, steps=-(-20 // new_world_size), state=states[0])
+    assert first + rest[:20] == straight[:30]
 
 
-def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere.txt"):
-        read_prompts(PromptsConfig(prompt_file=str(tmp_path / "nowhere.txt")))
+def test_state_must_match_the_prompts_and_batch_size():
+    _, states = run(world_size=1, steps=2)
+    with pytest.raises(ValueError, match="batch_size=3, this run has 4"):
+        BucketBatchSampler(BUCKETS, 4, seed=7).load_state_dict(states[0])
+    with pytest.raises(ValueError, match="num_items=25, this run has 24"):
+        BucketBatchSampler(BUCKETS[1:], 3, seed=7).load_state_dict(states[0])
 
 
-def test_batches_share_one_size_and_resume_exactly():
+def test_prompt_batch_sampler_keeps_the_one_process_interface():
     prompts = [Prompt(f"p{i}", 64 if i % 3 else 128, 64) for i in range(20)]
     sampler = PromptBatchSampler(prompts, batch_size=3, seed=5)
     first = [sampler.next_batch() for _ in range(4)]
     state = sampler.state_dict()
-    rest = [sampler.next_batch() for _ in range(10)]  # crosses an epoch boundary
-    assert all(len({(p.height, p.width) for p in batch}) == 1 and len(batch) == 3 for batch in first + rest)
+    rest = [sampler.next_batch() for _ in range(10)]
+    assert all(len({(p.height, p.width) for p in batch}) == 1 for batch in first + rest)
     resumed = PromptBatchSampler(prompts, batch_size=3, seed=0)
     resumed.load_state_dict(state)
     assert [resumed.next_batch() for _ in range(10)] == rest
-    again = PromptBatchSampler(prompts, batch_size=3, seed=5)
-    assert [again.next_batch() for _ in range(4)] == first
+
+
+def test_bucketize_off_uses_the_configured_size_and_repeat(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"p{i}", "height": 64, "width": 32 * (1 + i)}) for i in range(4)))
+    split = PromptsConfig(source=str(path), start_ind=-2, repeat=2, height=48, width=80)
+    assert [(p.text, p.width) for p in read_prompts(split)] == [("p2", 96), ("p3", 128)] * 2
+    split.bucketize = False
+    assert {(p.height, p.width) for p in read_prompts(split)} == {(48, 80)}
+
+
+def fake_cache(root: Path, complete: tuple[str, ...], started: tuple[str, ...] = (), **encoder) -> None:
+    """Just the files the rule looks at: a manifest per complete split, a plan per started one."""
+    cfg = load_config(DEMO)
+    for name in complete:
+        split = getattr(cfg.data, name)
+        (root / name).mkdir(parents=True)
+        manifest = {"format": "arcflow-prompt-cache/1", "complete": True, "max_size": None,
+                    "source": {"source": split.source, "split": split.split, "start_ind": split.start_ind,
+                               "end_ind": split.end_ind, "height": split.height, "width": split.width},
+                    "encoder": {"type": "PretrainedFluxTextEncoder", "max_sequence_length": 32,
+                                "pretrained": cfg.model.pretrained, **encoder}}
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+    for name in started:
+        (root / name).mkdir(parents=True)
+        (root / name / "plan.json").write_text("{}")
+
+
+def config(root: Path, **options):
+    return load_config(DEMO, {"data.data_root": str(root), **options})
+
+
+def test_rule_cache_when_complete_else_on_the_fly_with_a_text_encoder(tmp_path):
+    assert embedding_source(config(tmp_path / "none")) == "encoder"  # the demo config has model.text_encoder
+    fake_cache(tmp_path / "full", ("train", "val"))
+    assert embedding_source(config(tmp_path / "full")) == "cache"
+    assert embedding_source(config(tmp_path / "full", **{"data.cache": "never"})) == "encoder"
+    assert embedding_source(config(tmp_path / "full", **{"model.text_encoder": None})) == "cache"
+
+
+@pytest.mark.parametrize("layout,options,message", [
+    ({}, {"model.text_encoder": None}, "no prompt-embedding cache .* and no model.text_encoder"),
+    ({}, {"data.cache": "always"}, "does not exist and data.cache='always'"),
+    ({"complete": ("train",), "started": ("val",)}, {}, "is not complete .* or set data.cache='never'"),
+    ({"complete": ("train", "val")}, {"model.text_encoder.max_sequence_length": 64},
+     "model.text_encoder.max_sequence_length: cache 32, config 64"),
+    ({"complete": ("train", "val")}, {"data.val.start_ind": -16}, "data.val.start_ind: cache -8, config -16"),
+    ({"complete": ("train", "val")}, {"data.train.max_size": 10}, "data.train.max_size: cache None, config 10"),
+])
+def test_rule_errors_say_how_to_fix(tmp_path, layout, options, message):
+    fake_cache(tmp_path / "root", layout.get("complete", ()), layout.get("started", ()))
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        embedding_source(config(tmp_path / "root", **options))
+
+
+def test_data_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="data.cache"):
+        load_config(DEMO, {"data.cache": "sometimes"})
+    with pytest.raises(ValueError, match="data.val.height"):
+        load_config(DEMO, {"data.val.height": 100})
+    cfg = load_config(DEMO, {"data.source": "other.jsonl", "data.val.prompt_file": "old.jsonl"})
+    assert (cfg.data.train.source, cfg.data.val.source) == ("other.jsonl", "old.jsonl")  # prompt_file: older name
+    with pytest.raises(ValueError, match="data.train.prompt_file"):
+        load_config(DEMO, {"data.train.source": "a.jsonl", "data.train.prompt_file": "b.jsonl"})

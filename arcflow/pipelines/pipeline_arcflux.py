@@ -1,0 +1,232 @@
+"""ArcFluxPipeline: FLUX.1 with an ArcFlow student adapter, sampled in n >= 2 evaluations (SPEC §3).
+
+The student is made in place on the pipeline's own transformer: its LoRA is loaded by
+diffusers under the adapter name ``"arcflow"`` (so ``set_adapters`` can mix it with style
+LoRAs), and the teacher's ``norm_out``/``proj_out`` are put behind the same switch the
+trainer uses, next to the student's norm_out and ArcFlow heads. No second copy of FLUX
+exists, and :meth:`ArcFluxPipeline.unload_arcflow_adapter` gives the teacher back weight for
+weight. Without an adapter the pipeline is exactly ``FluxPipeline``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils.torch_utils import get_module_execution_device
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from arcflow.backbones.flux import ADAPTER_NAME, _Switch, pack, unpack
+from arcflow.pipelines.adapter import (CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
+                                       policy_from_tokens, student_output_layers)
+from arcflow.schedule import full_batch, segment_bounds, shifted_sigma
+
+TEACHER_DEFAULT_STEPS = 28
+"""FluxPipeline's default, used when no adapter is loaded."""
+
+
+def adapter_file(path_or_hub_id: str | Path, filename: str, subfolder: str | None = None) -> Path:
+    """One file of an adapter folder, local or on the Hugging Face Hub."""
+    local = Path(path_or_hub_id, subfolder or "")
+    if local.is_dir():
+        if not (local / filename).is_file():
+            raise FileNotFoundError(f"ArcFlow adapter folder '{local}' has no {filename}")
+        return local / filename
+    if Path(path_or_hub_id).exists():
+        raise NotADirectoryError(f"ArcFlow adapter '{path_or_hub_id}' must be a folder (made by `arcflow export`)")
+    try:
+        return Path(hf_hub_download(str(path_or_hub_id), filename, subfolder=subfolder))
+    except (OSError, ValueError) as err:  # hub errors are OSErrors; a malformed repo id a ValueError
+        raise FileNotFoundError(f"cannot find {filename} of ArcFlow adapter '{path_or_hub_id}' "
+                                f"(no such folder, and the hub says: {err})") from None
+
+
+def _check_lora_rank(path: Path, rank: int) -> None:
+    """The LoRA file must agree with the adapter config (read from the header, not the tensors)."""
+    with safe_open(str(path), framework="pt") as f:
+        ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if ".lora_A." in key}
+    if ranks != {rank}:
+        raise ValueError(f"'{path}' has LoRA rank {sorted(ranks)}, but {CONFIG_FILE} says lora_rank={rank}")
+
+
+class ArcFluxPipeline(FluxPipeline):
+    """FLUX.1 text-to-image in ``num_inference_steps`` ArcFlow student evaluations (2 by default).
+
+    >>> pipe = ArcFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)
+    >>> pipe.load_arcflow_adapter("path/to/adapter")
+    >>> image = pipe("a cat", num_inference_steps=2).images[0]
+    """
+
+    arcflow_config: AdapterConfig | None = None
+    """The loaded adapter's settings; None while the transformer is the plain teacher."""
+
+    def load_arcflow_adapter(self, path_or_hub_id: str | Path, subfolder: str | None = None) -> AdapterConfig:
+        """Turn the transformer into the student in place, from an ``arcflow export`` folder or hub repo."""
+        if self.arcflow_config is not None:
+            raise ValueError("an ArcFlow adapter is already loaded; call unload_arcflow_adapter() first")
+        config = AdapterConfig.load(adapter_file(path_or_hub_id, CONFIG_FILE, subfolder))
+        heads_path = adapter_file(path_or_hub_id, HEADS_FILE, subfolder)
+        lora_path = adapter_file(path_or_hub_id, LORA_FILE, subfolder)
+        _check_lora_rank(lora_path, config.lora_rank)
+        transformer = self.transformer
+        layers = student_output_layers(transformer, config.num_modes)
+        tensors = load_file(heads_path)
+        check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
+                     {k: tuple(v.shape) for k, v in layers.state_dict().items()},
+                     f"'{heads_path}' (K={config.num_modes}, base '{config.base_model}') does not fit this transformer")
+        layers.load_state_dict(tensors)
+        teacher_weight = transformer.proj_out.weight
+        layers.to(device=teacher_weight.device, dtype=teacher_weight.dtype)
+
+        # The transformer's own loader (not load_lora_weights): the file holds no text-encoder LoRA.
+        transformer.load_lora_adapter(str(lora_path), prefix="transformer", adapter_name=ADAPTER_NAME,
+                                      use_safetensors=True, low_cpu_mem_usage=True, _pipeline=self)
+        for name, student in (("norm_out", layers["norm_out"]), ("proj_out", layers["heads"])):
+            switch = _Switch(getattr(transformer, name), student)
+            switch.use_student = True
+            setattr(transformer, name, switch)
+        self.arcflow_config = config
+        return config
+
+    def unload_arcflow_adapter(self) -> None:
+        """Give back the plain teacher: original output layers, the "arcflow" LoRA removed."""
+        if self.arcflow_config is None:
+            raise ValueError("no ArcFlow adapter is loaded")
+        transformer = self.transformer
+        transformer.norm_out = transformer.norm_out.teacher
+        transformer.proj_out = transformer.proj_out.teacher
+        transformer.delete_adapters(ADAPTER_NAME)
+        if not getattr(transformer, "peft_config", None):
+            transformer.unload_lora()  # no other LoRA left: drop peft's wrappers too, restoring the module tree
+        self.arcflow_config = None
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
+        """Refused while an adapter is loaded: the transformer then holds the student's extra layers."""
+        if self.arcflow_config is not None:
+            raise ValueError("call unload_arcflow_adapter() before save_pretrained(); the student is shipped as "
+                             "its adapter folder (arcflow export), not as a saved pipeline")
+        super().save_pretrained(*args, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timestep_ratio: float | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int = 512,
+        **teacher_kwargs: Any,
+    ) -> FluxPipelineOutput | tuple:
+        """Generate with the student: ``num_inference_steps`` (n >= 2) transformer evaluations, nothing more.
+
+        Segments in raw time are D, ..., D, r*D with D = 1 / (n - 1 + r), r = ``timestep_ratio``
+        (default: the adapter's); each evaluation's policy is integrated exactly over its segment
+        on the adapter's fixed shift. The guidance embedding is the adapter's unless
+        ``guidance_scale`` is given. ``latents`` are packed (B, N, 64) as in FluxPipeline and stay
+        float32 throughout; ``output_type="latent"`` returns them packed, in float32.
+
+        Without an adapter this is ``FluxPipeline.__call__`` (the teacher), and ``teacher_kwargs``
+        (``sigmas``, ``negative_prompt``, ``true_cfg_scale``, ...) are passed on to it.
+        """
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
+        if self.arcflow_config is None:
+            if timestep_ratio is not None:
+                raise ValueError("timestep_ratio needs an ArcFlow adapter; call load_arcflow_adapter() first")
+            return super().__call__(
+                prompt=prompt, prompt_2=prompt_2, height=height, width=width,
+                num_inference_steps=num_inference_steps or TEACHER_DEFAULT_STEPS,
+                guidance_scale=3.5 if guidance_scale is None else guidance_scale,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, output_type=output_type,
+                return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
+                callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
+                max_sequence_length=max_sequence_length, **teacher_kwargs)
+        if teacher_kwargs:
+            raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student")
+        config = self.arcflow_config
+        active = self.get_active_adapters()
+        if ADAPTER_NAME not in active:
+            raise ValueError(f"the '{ADAPTER_NAME}' LoRA is not active (active: {active}); "
+                             f"include it, e.g. set_adapters(['{ADAPTER_NAME}', ...])")
+        num_steps = config.nfe if num_inference_steps is None else num_inference_steps
+        if num_steps < 2:
+            raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
+        bounds = segment_bounds(num_steps, config.timestep_ratio if timestep_ratio is None else timestep_ratio)
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
+                          pooled_prompt_embeds=pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=tensor_inputs, max_sequence_length=max_sequence_length)
+        self._guidance_scale = config.guidance if guidance_scale is None else guidance_scale
+        self._joint_attention_kwargs = joint_attention_kwargs or {}
+        self._current_timestep = None
+        self._interrupt = False
+        self._num_timesteps = num_steps
+
+        device = self._execution_device
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=self._joint_attention_kwargs.get("scale"))
+        batch = prompt_embeds.shape[0]
+        # The state stays float32 between evaluations, as in the trainer's sampler.
+        latents, image_ids = self.prepare_latents(batch, self.transformer.config.in_channels // 4, height, width,
+                                                  torch.float32, device, generator, latents)
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        dtype = self.transformer.dtype
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((batch,), self._guidance_scale, device=device, dtype=torch.float32)
+
+        with self.progress_bar(total=num_steps) as progress_bar:
+            for i, (tau_a, tau_b) in enumerate(bounds):
+                if self.interrupt:
+                    continue
+                sigma_a = full_batch(shifted_sigma(tau_a, config.shift), batch, latents)
+                sigma_b = full_batch(shifted_sigma(tau_b, config.shift), batch, latents)
+                self._current_timestep = sigma_a[0] * 1000
+                tokens = self.transformer(
+                    hidden_states=latents.to(dtype), timestep=sigma_a, guidance=guidance,
+                    pooled_projections=pooled_prompt_embeds.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
+                    txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
+                    return_dict=False)[0]
+                policy = policy_from_tokens(tokens.float(), config.num_modes, latent_h, latent_w, sigma_a)
+                x = unpack(latents, latent_h, latent_w)[:, 0]
+                latents = pack(policy.integrate(x, sigma_a, sigma_b))
+                if callback_on_step_end is not None:
+                    values = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback_on_step_end(self, i, self._current_timestep,
+                                                   {k: values[k] for k in tensor_inputs})
+                    latents = outputs.pop("latents", latents).float()
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+
+        if output_type == "latent":
+            image = latents
+        else:
+            x = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+            x = x.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            image = self.image_processor.postprocess(self.vae.decode(x, return_dict=False)[0], output_type=output_type)
+        self.maybe_free_model_hooks()
+        return FluxPipelineOutput(images=image) if return_dict else (image,)
