@@ -31,7 +31,7 @@ from arcflow.config import PromptsConfig, RunConfig, torch_dtype
 from arcflow.embedding_cache import SPLITS, CachedSplit, cache_status, split_dir
 from arcflow.prompt_sources import Prompt, PromptTable, load_prompt_table, source_identity
 
-__all__ = ["Prompt", "BucketBatchSampler", "PromptBatchSampler", "TrainData", "ValData", "build_train_data",
+__all__ = ["Prompt", "BucketBatchSampler", "TrainData", "ValData", "build_train_data",
            "build_val_data", "embedding_source", "read_prompts"]
 
 log = logging.getLogger("arcflow")
@@ -121,25 +121,6 @@ class BucketBatchSampler:
                                  "(prompt set, buckets or train_cfg.batch_size changed since it was saved)")
         self.seed, self.position = int(state["seed"]), int(state["position"])
         self._epoch = -1
-
-
-class PromptBatchSampler:
-    """A prompt list over :class:`BucketBatchSampler` in one process (the trainer's pre-TrainData API)."""
-
-    def __init__(self, prompts: list[Prompt], batch_size: int, seed: int):
-        self.prompts = prompts
-        heights = np.array([p.height for p in prompts], np.int64)
-        widths = np.array([p.width for p in prompts], np.int64)
-        self.sampler = BucketBatchSampler(bucket_ids(heights, widths), batch_size, seed)
-
-    def next_batch(self) -> list[Prompt]:
-        return [self.prompts[i] for i in self.sampler.next_indices()]
-
-    def state_dict(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
 
 
 # -- where the conditioning comes from ---------------------------------------------------------
@@ -232,9 +213,11 @@ class TrainData:
         self.sampler.load_state_dict(state)
 
 
-def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, world_size: int, seed: int) -> TrainData:
+def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, world_size: int, seed: int,
+                     text_encoder: nn.Module | None = None) -> TrainData:
     """The trainer's data. ``seed`` orders the batches and must be equal on every rank
-    (``train_cfg.seed``, not a ``--diff_seed`` per-rank seed), or ranks would overlap."""
+    (``train_cfg.seed``, not a ``--diff_seed`` per-rank seed), or ranks would overlap.
+    ``text_encoder`` replaces the configured on-the-fly encoder (benchmarks on random weights)."""
     device, dtype = torch.device(device), torch_dtype(cfg.model.dtype)
     source, split = embedding_source(cfg), cfg.data.train
     encoder = None
@@ -247,7 +230,7 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
         where = f"cache {cache.directory}"
     else:
         table = load_prompt_table(split, "data.train")
-        encoder = _build_encoder(cfg, device)
+        encoder = text_encoder.to(device) if text_encoder is not None else _build_encoder(cfg, device)
         encode = _encode_with(encoder, device, dtype)
 
         def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:

@@ -32,14 +32,13 @@ from arcflow import checkpoint as ckpt
 from arcflow.backbones import build_backbone
 from arcflow.backbones.base import Backbone, Conditioning
 from arcflow.config import RunConfig, torch_dtype
-from arcflow.data import Prompt, PromptBatchSampler, read_prompts
+from arcflow.data import build_train_data, build_val_data
 from arcflow.distributed import DistEnv, StopSignal
 from arcflow.evaluation import Validator
 from arcflow.optim import EMA, build_optimizer, set_lr
 from arcflow.parallel import gradient_sync, parallelize, shard_text_encoder
 from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
 from arcflow.schedule import full_batch, segment_bounds, shifted_sigma, teacher_ratio
-from arcflow.text_encoders import build_text_encoder
 
 log = logging.getLogger("arcflow")
 
@@ -85,21 +84,16 @@ class Trainer:
         self.compute_dtype = torch_dtype(cfg.model.dtype)
         self.backbone = backbone if backbone is not None else build_backbone(cfg.model, self.device, self.seed)
         self.student = parallelize(self.backbone, cfg.train_cfg.parallel, env, self.compute_dtype)
-        if text_encoder is None:
-            text_encoder = build_text_encoder(cfg.model)
-        self.text_encoder = text_encoder.to(self.device)
-        if cfg.train_cfg.parallel == "fsdp":
-            shard_text_encoder(self.text_encoder, env)
+        self.data = build_train_data(cfg, self.device, env.rank, env.world_size, self.seed, text_encoder)
+        if cfg.train_cfg.parallel == "fsdp" and self.data.text_encoder is not None:
+            shard_text_encoder(self.data.text_encoder, env)
+        self.val_data = build_val_data(cfg, self.device, train=self.data)
         d = cfg.distill
         self.rollout_cfg = RolloutConfig(num_states=d.num_states, window_substeps=d.window_substeps,
                                          total_substeps=d.total_substeps, dropout=d.dropout,
                                          loss_scale=d.loss_scale, shift=d.shift)
         self.segments = segment_bounds(d.nfe, d.timestep_ratio)
 
-        # Every rank walks the same sequence of global batches and takes its own slice.
-        batch = cfg.train_cfg.batch_size
-        self.sampler = PromptBatchSampler(read_prompts(cfg.data.train), batch * env.world_size, self.seed)
-        self.val_prompts: list[Prompt] = read_prompts(cfg.data.val)
         self.validator: Validator | None = None
 
         trainable = list(self.backbone.trainable_named_parameters())
@@ -109,9 +103,6 @@ class Trainer:
         self.writer: SummaryWriter | None = None
 
     # -- one iteration -----------------------------------------------------------------
-    def encode(self, texts: list[str]) -> Conditioning:
-        return {k: v.to(self.device) for k, v in self.text_encoder.encode(texts).items()}
-
     def sample_randomness(self, first_index: int, count: int, shape: tuple[int, ...]
                           ) -> tuple[torch.Tensor, list[RolloutNoise]]:
         """Latent noise and per-segment rollout draws of global samples first_index.. of this iteration."""
@@ -131,8 +122,7 @@ class Trainer:
         rho = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
         lr = set_lr(self.optimizer, it, cfg.optimizer)
         batch = cfg.train_cfg.batch_size
-        prompts = self.sampler.next_batch()[self.env.rank * batch:(self.env.rank + 1) * batch]
-        cond = self.encode([p.text for p in prompts])
+        prompts, cond = self.data.next_batch()
         shape = self.backbone.latent_shape(prompts[0].height, prompts[0].width)
         noise, draws = self.sample_randomness(self.env.rank * batch, batch, shape)
         micro = cfg.train_cfg.grad_accum_batch_size or batch
@@ -244,8 +234,8 @@ class Trainer:
         """Sample with the EMA weights; rank 0 writes grid, metrics.json and TensorBoard scalars."""
         if self.validator is None:
             vae = self.backbone.load_vae(self.cfg.model.pretrained, self.compute_dtype).to(self.device)
-            self.validator = Validator(self.backbone, vae, self.encode, self.val_prompts, self.cfg.val_cfg,
-                                       self.cfg.distill, self.device)
+            self.validator = Validator(self.backbone, vae, self.val_data.encode, self.val_data.prompts,
+                                       self.cfg.val_cfg, self.cfg.distill, self.device)
         self.backbone.eval()
         self.ema.swap()
         try:
@@ -275,7 +265,7 @@ class Trainer:
 
     def save(self) -> Path:
         tensors, scalars = self._checkpoint_tensors()
-        state = {"sampler": self.sampler.state_dict(), "ema_updates": self.ema.num_updates,
+        state = {"data": self.data.state_dict(), "ema_updates": self.ema.num_updates,
                  "optimizer_scalars": scalars, "world_size": self.env.world_size}
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.iteration, tensors, state, self.env)
         if self.env.is_main:
@@ -297,7 +287,7 @@ class Trainer:
             optim["state"].setdefault(name, {})[key] = value
         set_optimizer_state_dict(self.backbone, self.optimizer, optim)
         self.ema.num_updates = int(state["ema_updates"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.data.load_state_dict(state["data"])
         self.iteration = int(state["iteration"])
         log.info("resumed from %s at iteration %d (saved on %d ranks)", path, self.iteration, state["world_size"])
         return True

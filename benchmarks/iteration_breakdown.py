@@ -39,7 +39,7 @@ from arcflow.trainer import Trainer
 TINY_FLUX_DIR = "data/demo/tiny-flux"
 """Where the demo config expects the tiny teacher; only this path is ever generated."""
 
-TEXT = "text encoding"
+TEXT = "data (text encoding or cache read)"
 TEACHER = "teacher forwards"
 STUDENT_FORWARD = "student forward"
 STUDENT_BACKWARD = "student backward"
@@ -111,7 +111,7 @@ def instrumented(trainer: Trainer, timer: ExclusiveTimer) -> Iterator[None]:
             return network(*args, **kwargs)
 
     patches = [
-        (trainer, "encode", timer.timed(TEXT, trainer.encode)),
+        (trainer.data, "next_batch", timer.timed(TEXT, trainer.data.next_batch)),
         (backbone, "teacher_velocity", timer.timed(TEACHER, backbone.teacher_velocity)),
         # student_policy's own time (splitting the head output into a policy) is policy math.
         (backbone, "student_policy", timer.timed(ROLLOUT, backbone.student_policy)),
@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="arcflow-bench-") as work_dir:
         trainer = Trainer(resolve_dirs(cfg, work_dir), DistEnv(device=device))
         seconds, steps = measure(trainer, args.iters, args.warmup)
-        sizes = sorted({(p.height, p.width) for p in trainer.sampler.prompts})
+        table = trainer.data.table
+        sizes = sorted({(int(h), int(w)) for h, w in zip(table.heights, table.widths)})
     sec_per_iter = sum(seconds.values())
     result = {
         "machine": machine(device),

@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 tests/dist_worker.py CONFIG WORK_DIR OUT_JSON key=value ...
 """
 
+import ast
 import json
 import sys
 
@@ -15,9 +16,10 @@ from arcflow.trainer import Trainer
 
 
 def _value(text: str):
+    """A Python literal (numbers, True, tuples, ...) or else the string itself."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
         return text
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from arcflow.config import PromptsConfig, load_config
-from arcflow.data import BucketBatchSampler, Prompt, PromptBatchSampler, embedding_source, read_prompts
+from arcflow.data import BucketBatchSampler, embedding_source, read_prompts
 
 DEMO = Path(__file__).resolve().parents[1] / "configs/demo/arcflux_tiny_2nfe.py"
 BUCKETS = np.array([0] * 11 + [1] * 7 + [2] * 2 + [3] * 5)  # 25 items; bucket 2 is smaller than a batch
@@ -59,18 +59,6 @@ def test_state_must_match_the_prompts_and_batch_size():
         BucketBatchSampler(BUCKETS, 4, seed=7).load_state_dict(states[0])
     with pytest.raises(ValueError, match="num_items=25, this run has 24"):
         BucketBatchSampler(BUCKETS[1:], 3, seed=7).load_state_dict(states[0])
-
-
-def test_prompt_batch_sampler_keeps_the_one_process_interface():
-    prompts = [Prompt(f"p{i}", 64 if i % 3 else 128, 64) for i in range(20)]
-    sampler = PromptBatchSampler(prompts, batch_size=3, seed=5)
-    first = [sampler.next_batch() for _ in range(4)]
-    state = sampler.state_dict()
-    rest = [sampler.next_batch() for _ in range(10)]
-    assert all(len({(p.height, p.width) for p in batch}) == 1 for batch in first + rest)
-    resumed = PromptBatchSampler(prompts, batch_size=3, seed=0)
-    resumed.load_state_dict(state)
-    assert [resumed.next_batch() for _ in range(10)] == rest
 
 
 def test_bucketize_off_uses_the_configured_size_and_repeat(tmp_path):

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def options(tiny: Path, **extra) -> list[str]:
-    base = {"model.pretrained": str(tiny), "train_cfg.batch_size": 2, "val_cfg.num_prompts": 2,
+    base = {"model.pretrained": str(tiny), "data.cache": "never", "train_cfg.batch_size": 2, "val_cfg.num_prompts": 2,
             "val_cfg.teacher_steps": 8, "eval_interval": 0, "save_interval": 1000}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -101,7 +101,8 @@ def test_tools_train_entry_point(tiny_flux_dir, tmp_path):
     cmd = [sys.executable, "tools/train.py", DEMO, "--work-dir", str(tmp_path / "run"), "--launcher", "pytorch",
            "--diff_seed", "--cfg-options", *options(tiny_flux_dir, total_iters=1)]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "WORLD_SIZE": "1", "RANK": "0"})
+                            env={**os.environ, "WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0",
+                                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29788"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "checkpoints" / "iter_0000001").is_dir()
 
