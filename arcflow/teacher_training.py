@@ -15,8 +15,8 @@ import pathlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from arcflow.backbones.flux import latent_image_ids, pack, unpack
 from arcflow.schedule import shifted_sigma
-from arcflow.synthetic import scene_batch
+from arcflow.synthetic import make_scene, scene_batch
 from arcflow.text_encoders import PretrainedFluxTextEncoder
 from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 
@@ -34,6 +34,8 @@ from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 _TEXT_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "scheduler", "model_index.json")
 
 Log = Callable[[str], None]
+EVAL_SEED = 1
+"""Scene set of held-out evaluation (validation prompts, the distillation table); training uses ``recipe.seed``."""
 
 
 @dataclass
@@ -45,11 +47,12 @@ class TeacherRecipe:
     num_images: int = 12000
     max_sequence_length: int = 32
     # Autoencoder.
-    vae_channels: tuple[int, ...] = (16, 32, 64, 64)
+    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
     vae_steps: int = 1500
     vae_batch_size: int = 16
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
+    vae_norm_groups: int = 8
     # Transformer.
     num_layers: int = 2
     num_single_layers: int = 2
@@ -76,7 +79,7 @@ def build_vae(recipe: TeacherRecipe) -> AutoencoderKL:
         layers_per_block=1,
         act_fn="silu",
         latent_channels=16,
-        norm_num_groups=8,
+        norm_num_groups=recipe.vae_norm_groups,
         sample_size=recipe.image_size,
         force_upcast=True,
         use_quant_conv=False,
@@ -225,15 +228,28 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
     return transformer.eval().requires_grad_(False)
 
 
+def write_demo_prompts(path: pathlib.Path, recipe: TeacherRecipe, num_val: int = 8) -> None:
+    """Distillation prompts: every distinct training caption (sorted), then ``num_val`` held-out ones last.
+
+    The demo config takes the last ``num_val`` lines as validation prompts (``end_ind=-8``).
+    """
+    train = sorted({make_scene(recipe.seed, index).caption for index in range(recipe.num_images)})
+    val = [make_scene(EVAL_SEED, index).caption for index in range(num_val)]
+    size = recipe.image_size
+    lines = [json.dumps({"prompt": caption, "height": size, "width": size}) for caption in train + val]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
 def _write_pipeline(directory: pathlib.Path, text_source: pathlib.Path, vae: AutoencoderKL,
                     transformer: FluxTransformer2DModel, record: dict[str, object]) -> None:
-    """The FluxPipeline folder: text parts copied, VAE and transformer in fp16 safetensors."""
+    """The FluxPipeline folder (text parts copied, VAE and transformer in fp16) plus the demo's prompts."""
     for part in _TEXT_PARTS:
         source = text_source / part
         (shutil.copytree if source.is_dir() else shutil.copy2)(source, directory / part)
     vae.to(torch.float16).save_pretrained(directory / "vae")
     transformer.to(torch.float16).save_pretrained(directory / "transformer")
     (directory / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_demo_prompts(directory / "prompts.jsonl", TeacherRecipe(**record["recipe"]))
 
 
 def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, command: str = "",

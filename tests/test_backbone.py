@@ -114,3 +114,12 @@ def test_gradients_reach_every_trainable_parameter(backbone):
     for name, p in backbone.trainable_named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in backbone.parameters() if not p.requires_grad)
+
+
+def test_single_mode_student_is_a_straight_shortcut():
+    """K = 1: no rates head outputs; the policy is one constant velocity (the linear ablation)."""
+    backbone = FluxBackbone(tiny_transformer(), num_modes=1, lora_rank=4, lora_alpha=4, compute_dtype=torch.float32)
+    x, sigma, cond = inputs()
+    policy = backbone.student_policy(x, sigma, cond)
+    assert policy.rates.shape == (2, 0, 1, 8, 12)
+    torch.testing.assert_close(policy.velocity(sigma * 0.3), policy.means[:, 0])

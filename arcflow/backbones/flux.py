@@ -204,7 +204,8 @@ class FluxBackbone(Backbone):
         h, w = x.shape[2], x.shape[3]
         means = unpack(means_t, h, w, groups=k)
         logits = torch.log_softmax(unpack(logits_t, h, w, groups=k), dim=1)
-        rates = unpack(rates_t, h, w, groups=k - 1)
+        # K = 1 (a single straight mode) has no rates to unpack.
+        rates = unpack(rates_t, h, w, groups=k - 1) if k > 1 else logits.new_zeros(x.shape[0], 0, 1, h, w)
         return ArcFlowPolicy(means, logits, rates, sigma.float())
 
     def load_vae(self, pretrained: str, dtype: torch.dtype) -> nn.Module:

@@ -1,0 +1,72 @@
+"""Teacher training: a 2-step smoke run writes a pipeline that FluxPipeline and the backbone load."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+
+from arcflow.backbones.flux import FluxBackbone, pack
+from arcflow.sampling import sample_teacher
+from arcflow.teacher_training import TeacherRecipe, build_transformer, flow_matching_loss, train_demo_teacher
+
+SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
+TINY = TeacherRecipe(num_images=8, vae_channels=(8, 8, 8, 8), vae_steps=2, vae_batch_size=2, teacher_steps=2,
+                     teacher_batch_size=2, num_attention_heads=2, attention_head_dim=16, warmup_steps=1)
+
+
+def _check_pipeline(folder: pathlib.Path) -> None:
+    """Loads as FluxPipeline, samples a 64x64 image, and works as the distillation backbone."""
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    assert pipe.vae.config.latent_channels == 16 and pipe.vae_scale_factor == 8
+    image = pipe("a red circle on the left on a white background", height=64, width=64, num_inference_steps=1,
+                 max_sequence_length=32, output_type="pt").images
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+    backbone = FluxBackbone.from_pretrained(str(folder), torch_dtype=torch.float32, num_modes=2, lora_rank=2,
+                                            compute_dtype=torch.float32)
+    cond = {"prompt_embeds": torch.randn(1, 32, 32), "pooled_prompt_embeds": torch.randn(1, 32)}
+    latents = sample_teacher(backbone, torch.randn(1, 16, 8, 8), cond, 2, 3.2)
+    assert torch.isfinite(latents).all()
+
+
+def test_two_step_teacher_training_smoke(tmp_path: pathlib.Path) -> None:
+    out = train_demo_teacher(tmp_path / "teacher", TINY, command="pytest", log=lambda message: None)
+    record = json.loads((out / "training.json").read_text())
+    assert record["command"] == "pytest" and record["recipe"]["teacher_steps"] == 2
+    prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
+    assert prompts[-1]["height"] == 64 and len(prompts) > 8
+    assert not list(tmp_path.glob(".teacher.*"))  # staging folder cleaned up
+    _check_pipeline(out)
+    with pytest.raises(ValueError, match="not empty"):
+        train_demo_teacher(out, TINY, log=lambda message: None)
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity() -> None:
+    """The regression target is eps - x0 at x_sigma = (1 - sigma) x0 + sigma eps: an oracle scores 0."""
+    recipe = TeacherRecipe(num_attention_heads=2, attention_head_dim=16)
+    transformer = build_transformer(recipe)
+    x0 = torch.randn(3, 16, 8, 8)
+    text, pooled = torch.randn(3, 32, 32), torch.randn(3, 32)
+    pack_x0 = pack(x0)
+    captured: dict[str, torch.Tensor] = {}
+
+    def oracle(hidden_states: torch.Tensor, timestep: torch.Tensor, **_: object) -> tuple[torch.Tensor]:
+        sigma = timestep.view(-1, 1, 1)
+        captured["sigma"] = timestep
+        eps = (hidden_states - (1 - sigma) * pack_x0) / sigma
+        return (eps - pack_x0,)
+
+    transformer.forward = oracle
+    loss = flow_matching_loss(transformer, x0, text, pooled, recipe, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
+    assert ((captured["sigma"] > 0) & (captured["sigma"] < 1)).all()
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped demo teacher")
+def test_shipped_demo_teacher_loads() -> None:
+    record = json.loads((SHIPPED / "training.json").read_text())
+    assert "train_demo_teacher.py" in record["command"]
+    _check_pipeline(SHIPPED)

@@ -1,0 +1,44 @@
+"""Train the demo's small FLUX-architecture teacher on synthetic scenes (CPU, about 30 minutes).
+
+    python tools/train_demo_teacher.py assets/demo_teacher --threads 2
+
+Writes a FluxPipeline folder (diffusers layout, fp16 safetensors) with ``training.json``
+recording the recipe and this command. ``--set key=value`` overrides a recipe field.
+"""
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+
+import torch
+import transformers
+
+from arcflow.teacher_training import TeacherRecipe, train_demo_teacher
+
+
+def _recipe(overrides: list[str]) -> TeacherRecipe:
+    """A TeacherRecipe with ``key=value`` overrides (values parsed as JSON, e.g. vae_channels=[16,32,64,64])."""
+    fields = {field.name: field for field in dataclasses.fields(TeacherRecipe)}
+    values = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown recipe key {key!r}; valid: {', '.join(fields)}")
+        value = json.loads(raw)
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return TeacherRecipe(**values)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir", help="the pipeline folder to write (must be absent or empty)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TeacherRecipe fields")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    train_demo_teacher(args.out_dir, _recipe(args.set), command=command,
+                       log=lambda message: print(message, flush=True))
