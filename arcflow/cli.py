@@ -45,12 +45,13 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     env = init_distributed(args.launcher)
     try:
         Trainer(cfg, env, seed_offset=env.rank if args.diff_seed else 0).fit()
-    except Exception as err:
-        print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
+    except BaseException as err:
+        if isinstance(err, Exception):
+            print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+        destroy_distributed(graceful=False)
         raise
-    finally:
-        destroy_distributed()
+    destroy_distributed()
     return cfg
 
 

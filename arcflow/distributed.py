@@ -55,8 +55,12 @@ def init_distributed(launcher: str) -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(graceful: bool = True) -> None:
+    """``graceful``: leave together (a rank tearing the group down while a peer still talks to it
+    can hang). After a failure no barrier: the peers may never arrive."""
     if dist.is_initialized():
+        if graceful:
+            dist.barrier()
         dist.destroy_process_group()
 
 

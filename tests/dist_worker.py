@@ -38,6 +38,7 @@ def main() -> None:
     if env.is_main:
         with open(out, "w") as f:
             json.dump({"ranks": gathered}, f)
+    del trainer  # DDP's reducer holds the process group: release it before the group goes
     destroy_distributed()
 
 
