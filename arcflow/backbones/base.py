@@ -64,18 +64,3 @@ class Backbone(nn.Module, ABC):
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((name, p) for name, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        """Only what training changes: adapters, heads, the student's norm_out."""
-        return {name: p.detach() for name, p in self.trainable_named_parameters()}
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        params = dict(self.trainable_named_parameters())
-        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        if missing or unexpected:
-            raise ValueError(f"trainable state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for name, p in params.items():
-                if state[name].shape != p.shape:
-                    raise ValueError(f"{name}: shape {tuple(state[name].shape)} != model's {tuple(p.shape)}")
-                p.copy_(state[name])
