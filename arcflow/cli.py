@@ -82,7 +82,8 @@ def run_demo(args: argparse.Namespace) -> None:
     train_args = argparse.Namespace(config=args.config, work_dir=args.work_dir, cfg_options=cfg_options,
                                     launcher="none", seed=None, diff_seed=False)
     cfg = run_train(train_args)
-    print(alignment_table(Path(cfg.work_dir) / "val_metrics.jsonl"))
+    val_metrics = Path(cfg.work_dir) / "val_metrics.jsonl"
+    print(alignment_table(val_metrics) if val_metrics.is_file() else "no validation ran (eval_interval=0)")
 
 
 def run_cache(args: argparse.Namespace) -> None:

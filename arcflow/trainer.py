@@ -78,6 +78,11 @@ class Trainer:
         self.work_dir = Path(cfg.work_dir)
         if env.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
+            # Opened first, so the data and model set-up below is in the run's log too.
+            self._log_file = logging.FileHandler(self.work_dir / "train.log")
+            self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(self._log_file)
+            log.setLevel(logging.INFO)
         self.seed, self.seed_offset = cfg.train_cfg.seed, seed_offset
         torch.manual_seed(mix_seed(self.seed, seed_offset))  # LoRA initialisation; DDP broadcasts rank 0's
 
@@ -203,16 +208,15 @@ class Trainer:
             progress.close()
             if self.writer is not None:
                 self.writer.close()
+            if self.env.is_main:
+                log.removeHandler(self._log_file)
+                self._log_file.close()
 
     def _setup_logging(self) -> None:
         n_train = sum(p.numel() for _, p in self.backbone.trainable_named_parameters())
         n_all = sum(p.numel() for p in self.backbone.parameters())
         if not self.env.is_main:
             return
-        handler = logging.FileHandler(self.work_dir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
         self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
         (self.work_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         log.info("world size %d, parallel %s, device %s", self.env.world_size, self.cfg.train_cfg.parallel,
