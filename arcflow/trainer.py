@@ -132,7 +132,7 @@ class Trainer:
         noise, draws = self.sample_randomness(self.env.rank * batch, batch, shape)
         micro = cfg.train_cfg.grad_accum_batch_size or batch
         starts = list(range(0, batch, micro))
-        step_losses = [0.0] * len(self.segments)
+        step_losses = torch.zeros(len(self.segments), dtype=torch.float64, device=self.device)
 
         for begin in starts:
             part = slice(begin, begin + micro)
@@ -150,7 +150,7 @@ class Trainer:
                     policy = self.student(x, shifted_sigma(tau, cfg.distill.shift), micro_cond)
                     loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, draws[k][part])
                     (segment * weight * loss).backward()
-                step_losses[k] += weight * loss.item()
+                step_losses[k] += weight * loss.detach()  # no host sync inside the loop
                 tau = full_batch(tau_b, x.shape[0], x)
 
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -166,12 +166,12 @@ class Trainer:
                        teacher_ratio=rho, lr=lr, grad_norm=float(grad_norm))
         return metrics
 
-    def _mean_over_ranks(self, values: list[float]) -> list[float]:
-        if not self.env.is_distributed:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return (tensor / self.env.world_size).tolist()
+    def _mean_over_ranks(self, values: torch.Tensor) -> list[float]:
+        if self.env.is_distributed:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        return values.tolist()
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> None:
