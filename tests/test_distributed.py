@@ -13,7 +13,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
-_port = iter(range(29700, 29800))
 
 
 def common(tiny: Path, **extra) -> dict:
@@ -24,8 +23,8 @@ def common(tiny: Path, **extra) -> dict:
 
 
 def torchrun(nproc: int, args: list[str], **kwargs) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={next(_port)}", *args]
+    # --standalone: a local rendezvous on a free port, so runs never collide with a busy one.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
 
