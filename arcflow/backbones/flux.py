@@ -56,6 +56,24 @@ def latent_image_ids(height: int, width: int, device: torch.device) -> Tensor:
     return ids.reshape(h * w, 3)
 
 
+def policy_from_tokens(tokens: Tensor, num_modes: int, height: int, width: int, sigma: Tensor) -> ArcFlowPolicy:
+    """The ArcFlow policy from the heads' per-token output (B, N, K*C*4 + K*4 + (K-1)*4).
+
+    Shared by the trainer's student and the diffusers pipeline, so the two cannot drift.
+    """
+    k, pixels = num_modes, PATCH * PATCH
+    n_means = tokens.shape[-1] - (2 * k - 1) * pixels
+    if n_means <= 0 or n_means % (k * pixels):
+        raise ValueError(f"transformer output width {tokens.shape[-1]} does not fit K={k} ArcFlow heads")
+    means_t, logits_t, rates_t = tokens.split([n_means, k * pixels, (k - 1) * pixels], dim=-1)
+    means = unpack(means_t, height, width, groups=k)
+    logits = torch.log_softmax(unpack(logits_t, height, width, groups=k), dim=1)
+    # K = 1 (a single straight mode) has no rates to unpack.
+    rates = unpack(rates_t, height, width, groups=k - 1) if k > 1 else logits.new_zeros(
+        tokens.shape[0], 0, 1, height, width)
+    return ArcFlowPolicy(means, logits, rates, sigma.float())
+
+
 class ArcFlowHeads(nn.Module):
     """Means, logits and rates of K modes per token, initialised from the teacher's proj_out."""
 
@@ -198,15 +216,7 @@ class FluxBackbone(Backbone):
     def student_policy(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> ArcFlowPolicy:
         with self._mode(student=True):
             tokens = self._forward(x, sigma, cond).float()
-        k, pixels = self.num_modes, PATCH * PATCH
-        n_means = k * self.latent_channels * pixels
-        means_t, logits_t, rates_t = tokens.split([n_means, k * pixels, (k - 1) * pixels], dim=-1)
-        h, w = x.shape[2], x.shape[3]
-        means = unpack(means_t, h, w, groups=k)
-        logits = torch.log_softmax(unpack(logits_t, h, w, groups=k), dim=1)
-        # K = 1 (a single straight mode) has no rates to unpack.
-        rates = unpack(rates_t, h, w, groups=k - 1) if k > 1 else logits.new_zeros(x.shape[0], 0, 1, h, w)
-        return ArcFlowPolicy(means, logits, rates, sigma.float())
+        return policy_from_tokens(tokens, self.num_modes, x.shape[2], x.shape[3], sigma)
 
     def load_vae(self, pretrained: str, dtype: torch.dtype) -> nn.Module:
         return AutoencoderKL.from_pretrained(pretrained, subfolder="vae", torch_dtype=dtype)

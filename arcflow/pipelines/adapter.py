@@ -26,10 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from arcflow.backbones.flux import PATCH, ArcFlowHeads, unpack
-from arcflow.policy import ArcFlowPolicy
+from arcflow.backbones.flux import ArcFlowHeads
 
 CONFIG_FILE = "arcflow_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -137,19 +136,3 @@ def check_shapes(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[in
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
             raise ValueError(f"{where}: '{key}' has shape {tuple(found[key])}, expected {tuple(shape)}")
-
-
-def policy_from_tokens(tokens: Tensor, num_modes: int, height: int, width: int, sigma: Tensor) -> ArcFlowPolicy:
-    """The ArcFlow policy from the heads' per-token output, as :meth:`FluxBackbone.student_policy` builds it.
-
-    ``tokens`` (B, N, K*C*4 + K*4 + (K-1)*4) for a latent of ``height`` x ``width``.
-    """
-    k, pixels = num_modes, PATCH * PATCH
-    n_means = tokens.shape[-1] - (2 * k - 1) * pixels
-    if n_means <= 0 or n_means % (k * pixels):
-        raise ValueError(f"transformer output width {tokens.shape[-1]} does not fit K={k} ArcFlow heads")
-    means_t, logits_t, rates_t = tokens.split([n_means, k * pixels, (k - 1) * pixels], dim=-1)
-    means = unpack(means_t, height, width, groups=k)
-    logits = torch.log_softmax(unpack(logits_t, height, width, groups=k), dim=1)
-    rates = unpack(rates_t, height, width, groups=k - 1)
-    return ArcFlowPolicy(means, logits, rates, sigma.float())

@@ -21,9 +21,9 @@ from huggingface_hub import hf_hub_download
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from arcflow.backbones.flux import ADAPTER_NAME, _Switch, pack, unpack
+from arcflow.backbones.flux import ADAPTER_NAME, _Switch, pack, policy_from_tokens, unpack
 from arcflow.pipelines.adapter import (CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
-                                       policy_from_tokens, student_output_layers)
+                                       student_output_layers)
 from arcflow.schedule import full_batch, segment_bounds, shifted_sigma
 
 TEACHER_DEFAULT_STEPS = 28
