@@ -119,7 +119,8 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print) -> AutoencoderKL:
+def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print,
+              device: torch.device = torch.device("cpu")) -> AutoencoderKL:
     """Reconstruction (L1 + MSE) with a small KL term; then set FLUX's scaling/shift from the latents.
 
     The KL weight only keeps the posterior from collapsing to points; the latents are then
@@ -128,16 +129,17 @@ def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print) -> Au
     generator = torch.Generator().manual_seed(recipe.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
-        vae = build_vae(recipe)
+        vae = build_vae(recipe).to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    data = _to_unit_range(images)
+    data = _to_unit_range(images).to(device)
     start = time.perf_counter()
     for step in range(recipe.vae_steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.vae_lr * _lr_factor(step, recipe.warmup_steps, recipe.vae_steps)
-        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=generator)]
+        batch = data[torch.randint(len(data), (recipe.vae_batch_size,), generator=generator).to(device)]
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
+        latents = posterior.mean + posterior.std * noise
         recon = vae.decode(latents).sample
         rec = (recon - batch).abs().mean() + (recon - batch).pow(2).mean()
         kl = posterior.kl().mean() / posterior.mean[0].numel()
@@ -156,10 +158,11 @@ def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print) -> Au
 
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Posterior mean and std of every image, raw (before FLUX's shift/scale)."""
+    """Posterior mean and std of every image, raw (before FLUX's shift/scale), on the VAE's device."""
+    device = next(vae.parameters()).device
     means, stds = [], []
     for begin in range(0, len(images), batch_size):
-        posterior = vae.encode(_to_unit_range(images[begin:begin + batch_size])).latent_dist
+        posterior = vae.encode(_to_unit_range(images[begin:begin + batch_size]).to(device)).latent_dist
         means.append(posterior.mean)
         stds.append(posterior.std)
     return torch.cat(means), torch.cat(stds)
@@ -174,19 +177,20 @@ def flow_matching_loss(transformer: FluxTransformer2DModel, x0: Tensor, text: Te
     exists here: the model learns to accept FLUX-dev's guidance input without depending on it.
     """
     b, _, h, w = x0.shape
-    sigma = shifted_sigma(torch.rand(b, generator=generator), recipe.shift)
-    eps = torch.randn(x0.shape, generator=generator)
+    device = x0.device
+    sigma = shifted_sigma(torch.rand(b, generator=generator), recipe.shift).to(device)
+    eps = torch.randn(x0.shape, generator=generator).to(device)
     s = sigma.view(b, 1, 1, 1)
     x_sigma = (1 - s) * x0 + s * eps
     low, high = recipe.guidance_range
-    guidance = low + (high - low) * torch.rand(b, generator=generator)
+    guidance = (low + (high - low) * torch.rand(b, generator=generator)).to(device)
     prediction = transformer(
         hidden_states=pack(x_sigma),
         encoder_hidden_states=text,
         pooled_projections=pooled,
         timestep=sigma,
         img_ids=latent_image_ids(h, w, x0.device),
-        txt_ids=torch.zeros(text.shape[1], 3),
+        txt_ids=torch.zeros(text.shape[1], 3, device=device),
         guidance=guidance,
         return_dict=False,
     )[0]
@@ -199,17 +203,20 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
     generator = torch.Generator().manual_seed(recipe.seed + 1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed + 1)
-        transformer = build_transformer(recipe)
-    ema = {name: p.detach().clone() for name, p in transformer.named_parameters()}
+        transformer = build_transformer(recipe).to(latent_mean.device)
+    params = list(transformer.parameters())
+    ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=recipe.teacher_lr, betas=(0.9, 0.99),
                                   weight_decay=0.0)
     start = time.perf_counter()
-    running = 0.0
+    running = torch.zeros((), device=latent_mean.device)  # smoothed loss, read only when logged (no sync)
     for step in range(recipe.teacher_steps):
         for group in optimizer.param_groups:
             group["lr"] = recipe.teacher_lr * _lr_factor(step, recipe.warmup_steps, recipe.teacher_steps)
         index = torch.randint(len(latent_mean), (recipe.teacher_batch_size,), generator=generator)
-        x0 = latent_mean[index] + latent_std[index] * torch.randn(latent_mean[index].shape, generator=generator)
+        noise = torch.randn((len(index), *latent_mean.shape[1:]), generator=generator).to(latent_mean.device)
+        index = index.to(latent_mean.device)
+        x0 = latent_mean[index] + latent_std[index] * noise
         loss = flow_matching_loss(transformer, x0, text[index], pooled[index], recipe, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -217,14 +224,12 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
         optimizer.step()
         decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for name, p in transformer.named_parameters():
-                ema[name].lerp_(p.detach(), 1 - decay)
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        running = running.lerp(loss.detach(), 0.02 if step else 1.0)
         if step % 250 == 0 or step == recipe.teacher_steps - 1:
-            log(f"teacher step {step} loss {running:.4f} ({time.perf_counter() - start:.0f}s)")
+            log(f"teacher step {step} loss {running.item():.4f} ({time.perf_counter() - start:.0f}s)")
     with torch.no_grad():
-        for name, p in transformer.named_parameters():
-            p.copy_(ema[name])
+        torch._foreach_copy_(params, ema)
     return transformer.eval().requires_grad_(False)
 
 
@@ -253,8 +258,12 @@ def _write_pipeline(directory: pathlib.Path, text_source: pathlib.Path, vae: Aut
 
 
 def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, command: str = "",
-                       log: Log = print) -> pathlib.Path:
-    """Render the data, train VAE then transformer, and write the pipeline folder atomically."""
+                       log: Log = print, device: torch.device = torch.device("cpu")) -> pathlib.Path:
+    """Render the data, train VAE then transformer, and write the pipeline folder atomically.
+
+    Random draws come from CPU generators on every device, so a GPU run sees the same data,
+    noise and guidance as a CPU run; only floating-point rounding differs.
+    """
     out = pathlib.Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"train_demo_teacher: {out} already exists and is not empty")
@@ -266,7 +275,7 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
         images, scenes = scene_batch(recipe.seed, 0, recipe.num_images, recipe.image_size)
         log(f"rendered {len(scenes)} scenes ({len({s.caption for s in scenes})} distinct captions)")
 
-        vae = train_vae(images, recipe, log)
+        vae = train_vae(images, recipe, log, device)
         vae_seconds = time.perf_counter() - started
         mean, std = encode_latents(vae, images)
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor
@@ -277,7 +286,8 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
         embedded = encoder.encode(captions)
         row = {caption: i for i, caption in enumerate(captions)}
         index = torch.tensor([row[s.caption] for s in scenes])
-        text, pooled = embedded["prompt_embeds"][index], embedded["pooled_prompt_embeds"][index]
+        text = embedded["prompt_embeds"][index].to(device)
+        pooled = embedded["pooled_prompt_embeds"][index].to(device)
 
         transformer = train_transformer(latent_mean, latent_std, text, pooled, recipe, log)
         record = {
@@ -286,6 +296,7 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
             "vae_seconds": round(vae_seconds, 1),
             "total_seconds": round(time.perf_counter() - started, 1),
             "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         }
         final = staging / "pipeline"
         final.mkdir()

@@ -35,10 +35,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="the pipeline folder to write (must be absent or empty)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to train (default: cuda when available)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TeacherRecipe fields")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
     train_demo_teacher(args.out_dir, _recipe(args.set), command=command,
-                       log=lambda message: print(message, flush=True))
+                       log=lambda message: print(message, flush=True), device=torch.device(args.device))
