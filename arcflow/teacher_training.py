@@ -47,10 +47,10 @@ class TeacherRecipe:
     num_images: int = 12000
     max_sequence_length: int = 32
     # Autoencoder.
-    vae_channels: tuple[int, ...] = (8, 16, 32, 64)
-    vae_steps: int = 1500
-    vae_batch_size: int = 16
-    vae_lr: float = 2e-3
+    vae_channels: tuple[int, ...] = (32, 32, 64, 64)
+    vae_steps: int = 3000
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-4
     vae_norm_groups: int = 8
     # Transformer.
@@ -58,7 +58,7 @@ class TeacherRecipe:
     num_single_layers: int = 2
     num_attention_heads: int = 4
     attention_head_dim: int = 32
-    teacher_steps: int = 4000
+    teacher_steps: int = 5000
     teacher_batch_size: int = 64
     teacher_lr: float = 1e-3
     warmup_steps: int = 200
