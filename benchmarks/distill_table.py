@@ -29,22 +29,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import this checkout's arcflow, not an installed one
 
-from arcflow import synthetic
 from arcflow.config import load_config, resolve_dirs
-from arcflow.evaluation import psnr, save_grid
+from arcflow.evaluation import save_grid
 from arcflow.inference import load_ema_student
-from arcflow.sampling import sample_student, sample_teacher
+from arcflow.scene_eval import NOISE_SEED, REFERENCE_STEPS, SceneBench, markdown_table
 from arcflow.teacher_training import EVAL_SEED
 
 CONFIG = "configs/demo/teacher_arcflux_2nfe.py"
-NOISE_SEED = 1234
-REFERENCE_STEPS = 128
 GRID_PROMPTS = 8
 
 
@@ -62,7 +58,6 @@ STUDENTS = (
     StudentRun("arcflow_k16_4nfe", ("distill.nfe=4", "val_cfg.nfe=[4]"), 4),
     StudentRun("linear_k1_2nfe", ("model.num_modes=1",), 2),
 )
-TEACHER_STEPS = (2, 4, 8)
 
 
 def _train_command(config: str, run: StudentRun) -> list[str]:
@@ -90,79 +85,26 @@ def _commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def _metrics(latents: torch.Tensor, images: torch.Tensor, reference: dict[str, torch.Tensor],
-             scenes: list[synthetic.Scene]) -> dict[str, float]:
-    """Alignment with the teacher's 128-step samples and prompt following by the detector."""
-    found = [synthetic.detect(np.asarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8)))
-             for image in images]
-    matches = [synthetic.attribute_matches(scene, detection) for scene, detection in zip(scenes, found)]
-    out = {
-        "latent_mse": float((latents - reference["latents"]).pow(2).mean()),
-        "psnr": float(psnr(images, reference["images"]).mean()),
-        "prompt_accuracy": float(np.mean([synthetic.prompt_follows(s, d) for s, d in zip(scenes, found)])),
-    }
-    for attribute in matches[0]:
-        out[f"{attribute}_accuracy"] = float(np.mean([m[attribute] for m in matches]))
-    return out
-
-
-def evaluate(config: str, num_prompts: int, batch_size: int) -> tuple[list[dict[str, object]], dict[str, torch.Tensor]]:
-    """Every row of the table, and each row's images; teacher rows use the first student's backbone, adapters off."""
-    scenes = [synthetic.make_scene(EVAL_SEED, index) for index in range(num_prompts)]
-    captions = [scene.caption for scene in scenes]
+def evaluate(config: str, num_prompts: int, batch_size: int, device: torch.device
+             ) -> tuple[list[dict[str, object]], dict[str, torch.Tensor]]:
+    """Every row of the table; teacher rows use the first student's backbone with its adapters off."""
     cfgs = {run.name: resolve_dirs(load_config(config, _options(run)), f"work_dirs/distill_table/{run.name}")
             for run in STUDENTS}
     first = cfgs[STUDENTS[0].name]
-    device = torch.device("cpu")
     backbone, text_encoder, vae = load_ema_student(first, first.work_dir, device)
-    shape = backbone.latent_shape(first.data.val.height, first.data.val.width)
-    noise = torch.randn((num_prompts, *shape), generator=torch.Generator().manual_seed(NOISE_SEED))
-    cond = text_encoder.encode(captions)
-    shift = first.distill.shift
-
-    def run_batched(sampler, model) -> dict[str, torch.Tensor]:
-        latents, images = [], []
-        for begin in range(0, num_prompts, batch_size):
-            part = slice(begin, begin + batch_size)
-            z = sampler(model, noise[part], {k: v[part] for k, v in cond.items()})
-            latents.append(z)
-            images.append(model.decode(vae, z))
-        return {"latents": torch.cat(latents), "images": torch.cat(images)}
-
-    reference = run_batched(lambda m, z, c: sample_teacher(m, z, c, REFERENCE_STEPS, shift), backbone)
-    images = {f"teacher_euler_{REFERENCE_STEPS}step": reference["images"]}
-    rows: list[dict[str, object]] = [{"name": f"teacher_euler_{REFERENCE_STEPS}step", "nfe": REFERENCE_STEPS,
-                                      **_metrics(reference["latents"], reference["images"], reference, scenes)}]
-    rows[0]["psnr"] = None  # identical to the reference: infinite
-    for steps in TEACHER_STEPS:
-        out = run_batched(lambda m, z, c, n=steps: sample_teacher(m, z, c, n, shift), backbone)
-        rows.append({"name": f"teacher_euler_{steps}step", "nfe": steps,
-                     **_metrics(out["latents"], out["images"], reference, scenes)})
-        images[rows[-1]["name"]] = out["images"]
+    bench = SceneBench(backbone, text_encoder, vae, num_prompts, first.data.val.height, first.data.val.width,
+                       first.distill.shift, batch_size)
+    rows = bench.teacher_rows()
     for run in STUDENTS:
         cfg = cfgs[run.name]
         student = backbone if run is STUDENTS[0] else load_ema_student(cfg, cfg.work_dir, device)[0]
-        out = run_batched(lambda m, z, c, n=run.nfe, r=cfg.distill.timestep_ratio:
-                          sample_student(m, z, c, n, shift, r), student)
-        rows.append({"name": run.name, "nfe": run.nfe, **_metrics(out["latents"], out["images"], reference, scenes)})
-        images[run.name] = out["images"]
-    return rows, images
+        rows.append(bench.student_row(run.name, student, run.nfe, cfg.distill.timestep_ratio))
+    return rows, bench.images
 
 
 def _options(run: StudentRun) -> dict[str, object]:
     """``--cfg-options`` strings as the dict ``load_config`` takes (values parsed as JSON)."""
     return {key: json.loads(value) for key, value in (option.split("=", 1) for option in run.options)}
-
-
-def markdown(rows: list[dict[str, object]], machine: str) -> str:
-    lines = [f"Against the teacher's {REFERENCE_STEPS}-step Euler samples on held-out scenes ({machine}).", "",
-             "| sampler | NFE | latent MSE | PSNR dB | prompt accuracy (colour+shape) | count | position |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        gain = "inf (reference)" if row["psnr"] is None else f"{row['psnr']:.2f}"
-        lines.append(f"| {row['name']} | {row['nfe']} | {row['latent_mse']:.4f} | {gain} "
-                     f"| {row['prompt_accuracy']:.1%} | {row['count_accuracy']:.1%} | {row['position_accuracy']:.1%} |")
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -180,8 +122,10 @@ def main() -> None:
     train_seconds = {run.name: None if args.skip_train else round(_train(args.config, run, args.threads), 1)
                      for run in STUDENTS}
     start = time.perf_counter()
-    rows, images = evaluate(args.config, args.num_prompts, args.batch_size)
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows, images = evaluate(args.config, args.num_prompts, args.batch_size, device)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"{platform.machine()} CPU, {os.cpu_count()} cores") + f", torch {torch.__version__}"
     commit = _commit()
     by_name = {run.name: run for run in STUDENTS}
     for row in rows:
@@ -197,7 +141,7 @@ def main() -> None:
     (out / "distill_table.json").write_text(json.dumps(record, indent=1) + "\n")
     save_grid([[images[row["name"]][i] for row in rows] for i in range(min(GRID_PROMPTS, args.num_prompts))],
               out / "distill_grid.png")
-    table = markdown(rows, machine)
+    table = markdown_table(rows, machine)
     (out / "distill_table.md").write_text(table)
     print(table)
 

@@ -134,7 +134,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp, "prompts.txt")
-        prompts.write_text("\n".join(f"prompt {i}" for i in range(64)))
+        # More than the 128 prompts that the FLUX config keeps for validation (a GPU run found 64 too few).
+        prompts.write_text("\n".join(f"prompt {i}" for i in range(512)))
         data = {f"data.{s}.{k}": v for s in ("train", "val")
                 for k, v in (("prompt_file", str(prompts)), ("height", SIZE), ("width", SIZE))}
         base = resolve_dirs(load_config(args.config, {**data, "eval_interval": 0}), tmp)

@@ -30,7 +30,7 @@ import torch
 from mmengine.config import DictAction
 
 import arcflow.trainer
-from arcflow.cli import DEMO_CONFIG
+from arcflow.cli import TINY_CONFIG
 from arcflow.config import load_config, resolve_dirs
 from arcflow.distributed import DistEnv
 from arcflow.tiny_flux import make_tiny_flux
@@ -182,7 +182,7 @@ def report(result: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", nargs="?", default=DEMO_CONFIG)
+    parser.add_argument("config", nargs="?", default=TINY_CONFIG)
     parser.add_argument("--iters", type=int, default=10, help="measured iterations")
     parser.add_argument("--warmup", type=int, default=2, help="iterations run first and not measured")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

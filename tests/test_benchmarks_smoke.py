@@ -13,7 +13,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from arcflow.backbones.flux import FluxBackbone
-from arcflow.cli import DEMO_CONFIG
+from arcflow.cli import TINY_CONFIG
 from arcflow.config import ModelConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def test_iteration_breakdown_shares_add_up(breakdown, tiny_flux_dir, tmp_path, m
     monkeypatch.chdir(REPO)  # the demo config names its prompt file relative to the repository
     backward = torch.Tensor.backward
     json_path = tmp_path / "breakdown.json"
-    result = breakdown.main([DEMO_CONFIG, "--iters", "2", "--warmup", "1", "--device", "cpu", "--json", str(json_path),
+    result = breakdown.main([TINY_CONFIG, "--iters", "2", "--warmup", "1", "--device", "cpu", "--json", str(json_path),
                              "--cfg-options", f"model.pretrained={tiny_flux_dir}", "train_cfg.batch_size=2"])
     rows = table_rows(capsys.readouterr().out)
 

@@ -1,0 +1,95 @@
+"""Score samplers of a synthetic-scenes teacher on held-out scenes: the demo's and the results' table.
+
+Every sampler starts from the same noises and captions and is compared with the teacher's
+128-step Euler samples (latent MSE, image PSNR), and its images are read back by the scene
+detector (:mod:`arcflow.synthetic`) to check that they follow the caption.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from arcflow import synthetic
+from arcflow.backbones.base import Backbone
+from arcflow.evaluation import psnr
+from arcflow.sampling import sample_student, sample_teacher
+from arcflow.teacher_training import EVAL_SEED
+
+NOISE_SEED = 1234
+REFERENCE_STEPS = 128
+TEACHER_STEPS = (2, 4, 8)
+
+Sampler = Callable[[Tensor, dict[str, Tensor]], Tensor]
+
+
+class SceneBench:
+    """Held-out scenes ``0..n-1`` of scene set :data:`EVAL_SEED`, fixed noises, and the teacher's reference."""
+
+    def __init__(self, teacher: Backbone, text_encoder: nn.Module, vae: nn.Module, num_prompts: int,
+                 height: int, width: int, shift: float, batch_size: int = 64):
+        self.teacher, self.vae, self.shift, self.batch_size = teacher, vae, shift, batch_size
+        self.scenes = [synthetic.make_scene(EVAL_SEED, index) for index in range(num_prompts)]
+        device = next(teacher.parameters()).device
+        shape = teacher.latent_shape(height, width)
+        self.noise = torch.randn((num_prompts, *shape), generator=torch.Generator().manual_seed(NOISE_SEED)).to(device)
+        with torch.no_grad():
+            self.cond = text_encoder.encode([scene.caption for scene in self.scenes])
+        self.reference = self.run(lambda z, c: sample_teacher(teacher, z, c, REFERENCE_STEPS, shift))
+        self.images: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def run(self, sampler: Sampler) -> dict[str, Tensor]:
+        """Latents and decoded images of ``sampler`` on every held-out scene, in batches."""
+        latents, images = [], []
+        for begin in range(0, len(self.scenes), self.batch_size):
+            part = slice(begin, begin + self.batch_size)
+            z = sampler(self.noise[part], {key: value[part] for key, value in self.cond.items()})
+            latents.append(z)
+            images.append(self.teacher.decode(self.vae, z).float().cpu())
+        return {"latents": torch.cat(latents), "images": torch.cat(images)}
+
+    def score(self, name: str, nfe: int, sampler: Sampler | None = None) -> dict[str, object]:
+        """One table row; ``sampler=None`` scores the reference itself (its PSNR is infinite: ``None``)."""
+        out = self.reference if sampler is None else self.run(sampler)
+        self.images[name] = out["images"]
+        found = [synthetic.detect(np.asarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8)))
+                 for image in out["images"]]
+        matches = [synthetic.attribute_matches(scene, detection) for scene, detection in zip(self.scenes, found)]
+        row: dict[str, object] = {
+            "name": name,
+            "nfe": nfe,
+            "latent_mse": float((out["latents"] - self.reference["latents"]).pow(2).mean()),
+            "psnr": None if sampler is None else float(psnr(out["images"], self.reference["images"]).mean()),
+            "prompt_accuracy": float(np.mean([synthetic.prompt_follows(s, d) for s, d in zip(self.scenes, found)])),
+        }
+        for attribute in matches[0]:
+            row[f"{attribute}_accuracy"] = float(np.mean([match[attribute] for match in matches]))
+        return row
+
+    def teacher_rows(self) -> list[dict[str, object]]:
+        """The reference and the teacher's own few-step Euler samplers."""
+        rows = [self.score(f"teacher_euler_{REFERENCE_STEPS}step", REFERENCE_STEPS)]
+        for steps in TEACHER_STEPS:
+            rows.append(self.score(f"teacher_euler_{steps}step", steps,
+                                   lambda z, c, n=steps: sample_teacher(self.teacher, z, c, n, self.shift)))
+        return rows
+
+    def student_row(self, name: str, student: Backbone, nfe: int, timestep_ratio: float) -> dict[str, object]:
+        return self.score(name, nfe, lambda z, c: sample_student(student, z, c, nfe, self.shift, timestep_ratio))
+
+
+def markdown_table(rows: list[dict[str, object]], where: str) -> str:
+    """The rows as the Markdown table of ``docs/results`` and of ``arcflow demo``."""
+    lines = [f"Against the teacher's {REFERENCE_STEPS}-step Euler samples on held-out scenes ({where}).", "",
+             "| sampler | NFE | latent MSE | PSNR dB | prompt accuracy (colour+shape) | colour | shape | count | position |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        gain = "inf (reference)" if row["psnr"] is None else f"{row['psnr']:.2f}"
+        lines.append(f"| {row['name']} | {row['nfe']} | {row['latent_mse']:.4f} | {gain} "
+                     f"| {row['prompt_accuracy']:.1%} | {row['colour_accuracy']:.1%} | {row['shape_accuracy']:.1%} "
+                     f"| {row['count_accuracy']:.1%} | {row['position_accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
