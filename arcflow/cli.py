@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=run_tiny_flux)
 
-    demo = commands.add_parser("demo", help="distil the tiny FLUX on this machine and print the result")
+    demo = commands.add_parser("demo", help="distil the shipped scenes teacher on this machine and print the tables")
     demo.add_argument("--config", default=DEMO_CONFIG)
     demo.add_argument("--work-dir")
     demo.add_argument("--cfg-options", nargs="+", action=DictAction, default={})

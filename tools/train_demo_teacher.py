@@ -1,9 +1,11 @@
-"""Train the demo's small FLUX-architecture teacher on synthetic scenes (CPU, about 30 minutes).
+"""Train the demo's small FLUX-architecture teacher on synthetic scenes.
 
-    python tools/train_demo_teacher.py assets/demo_teacher --threads 2
+    python tools/train_demo_teacher.py assets/demo_teacher
 
-Writes a FluxPipeline folder (diffusers layout, fp16 safetensors) with ``training.json``
-recording the recipe and this command. ``--set key=value`` overrides a recipe field.
+About 3 minutes on one H100 (how the shipped teacher was made); on a CPU it runs too, at
+roughly 1 s per VAE step and 0.3 s per transformer step on 2 cores. Writes a FluxPipeline
+folder (diffusers layout, fp16 safetensors) with ``training.json`` recording the recipe,
+the device and this command. ``--set key=value`` overrides a recipe field.
 """
 
 import argparse
