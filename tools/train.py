@@ -1,6 +1,6 @@
 """Distil a flow model into an ArcFlow student.
 
-    python tools/train.py configs/demo/arcflux_tiny_2nfe.py
+    python tools/train.py configs/demo/teacher_arcflux_2nfe.py   # the demo teacher in assets/demo_teacher
     torchrun --nnodes=N --nproc_per_node=G --node_rank=R --master_addr=A --master_port=P \
         tools/train.py configs/flux/arcflux_2nfe_k16.py --launcher pytorch --diff_seed
 """
