@@ -25,7 +25,7 @@ from torch import Tensor
 
 from arcflow.backbones.flux import latent_image_ids, pack, unpack
 from arcflow.schedule import shifted_sigma
-from arcflow.synthetic import make_scene, scene_batch
+from arcflow.synthetic import detect, make_scene, prompt_follows, scene_batch
 from arcflow.text_encoders import PretrainedFluxTextEncoder
 from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 
@@ -168,6 +168,26 @@ def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch_size: int = 256
     return torch.cat(means), torch.cat(stds)
 
 
+@torch.no_grad()
+def reconstruction_accuracy(vae: AutoencoderKL, image_size: int, num_scenes: int = 256) -> dict[str, float]:
+    """The scene detector on VAE reconstructions of held-out renders: the ceiling of the teacher's accuracy.
+
+    A teacher can only draw what its decoder can draw, so this is checked before the
+    (much longer) transformer training is worth running.
+    """
+    images, scenes = scene_batch(EVAL_SEED, 0, num_scenes, image_size)
+    mean, _ = encode_latents(vae, images)
+    decoded = torch.cat([vae.decode(mean[begin:begin + 256]).sample for begin in range(0, len(mean), 256)])
+    pixels = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    found = [detect(image) for image in pixels]
+    return {
+        "prompt": float(np.mean([prompt_follows(scene, seen) for scene, seen in zip(scenes, found)])),
+        "colour": float(np.mean([seen.colour == scene.colour for scene, seen in zip(scenes, found)])),
+        "shape": float(np.mean([seen.shape == scene.shape for scene, seen in zip(scenes, found)])),
+        "mse": float(((torch.from_numpy(pixels).float() - torch.from_numpy(images).float()) / 127.5).pow(2).mean()),
+    }
+
+
 def flow_matching_loss(transformer: FluxTransformer2DModel, x0: Tensor, text: Tensor, pooled: Tensor,
                        recipe: TeacherRecipe, generator: torch.Generator) -> Tensor:
     """SPEC §1 rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, regress u = eps - x0.
@@ -277,6 +297,8 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
 
         vae = train_vae(images, recipe, log, device)
         vae_seconds = time.perf_counter() - started
+        reconstruction = reconstruction_accuracy(vae, recipe.image_size)
+        log(f"vae reconstructions of held-out scenes: {json.dumps(reconstruction)}")
         mean, std = encode_latents(vae, images)
         scale, shift = vae.config.scaling_factor, vae.config.shift_factor
         latent_mean, latent_std = (mean - shift) * scale, std * scale
@@ -294,6 +316,7 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
             "recipe": asdict(recipe),
             "command": command,
             "vae_seconds": round(vae_seconds, 1),
+            "vae_reconstruction": reconstruction,
             "total_seconds": round(time.perf_counter() - started, 1),
             "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from diffusers import FluxPipeline
 
 from arcflow.backbones.flux import FluxBackbone, pack
 from arcflow.sampling import sample_teacher
-from arcflow.teacher_training import TeacherRecipe, build_transformer, flow_matching_loss, train_demo_teacher
+from arcflow.teacher_training import (TeacherRecipe, build_transformer, flow_matching_loss, reconstruction_accuracy,
+                                      train_demo_teacher)
 
 SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
 TINY = TeacherRecipe(num_images=8, vae_channels=(8, 8, 8, 8), vae_steps=2, vae_batch_size=2, teacher_steps=2,
@@ -36,6 +38,7 @@ def test_two_step_teacher_training_smoke(tmp_path: pathlib.Path) -> None:
     out = train_demo_teacher(tmp_path / "teacher", TINY, command="pytest", log=lambda message: None)
     record = json.loads((out / "training.json").read_text())
     assert record["command"] == "pytest" and record["recipe"]["teacher_steps"] == 2
+    assert set(record["vae_reconstruction"]) == {"prompt", "colour", "shape", "mse"}
     prompts = [json.loads(line) for line in (out / "prompts.jsonl").read_text().splitlines()]
     assert prompts[-1]["height"] == 64 and len(prompts) > 8
     assert not list(tmp_path.glob(".teacher.*"))  # staging folder cleaned up
@@ -63,6 +66,24 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity() -> None:
     loss = flow_matching_loss(transformer, x0, text, pooled, recipe, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
     assert ((captured["sigma"] > 0) & (captured["sigma"] < 1)).all()
+
+
+def test_reconstruction_accuracy_is_perfect_for_an_identity_autoencoder() -> None:
+    """The accuracy check itself, on an 'autoencoder' that returns its input: detector on clean renders."""
+    class Identity(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def encode(self, x: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x, std=torch.zeros_like(x)))
+
+        def decode(self, z: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(sample=z)
+
+    scores = reconstruction_accuracy(Identity(), 64, num_scenes=32)
+    assert scores["prompt"] == scores["colour"] == scores["shape"] == 1.0
+    assert scores["mse"] < 1e-4  # only the uint8 round trip
 
 
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="no shipped demo teacher")
