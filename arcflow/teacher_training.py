@@ -1,4 +1,4 @@
-"""Train a small FLUX-architecture teacher on the synthetic scenes, offline, on a CPU.
+"""Train a small FLUX-architecture teacher on the synthetic scenes, offline (GPU in minutes, CPU in about an hour).
 
 Distillation can only be judged on a teacher whose trajectories carry something to learn,
 so the demo ships one trained here: the tiny frozen CLIP/T5 (and tokenizers) of
@@ -34,6 +34,7 @@ from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 _TEXT_PARTS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "scheduler", "model_index.json")
 
 Log = Callable[[str], None]
+CPU = torch.device("cpu")
 EVAL_SEED = 1
 """Scene set of held-out evaluation (validation prompts, the distillation table); training uses ``recipe.seed``."""
 
@@ -120,7 +121,7 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print,
-              device: torch.device = torch.device("cpu")) -> AutoencoderKL:
+              device: torch.device = CPU) -> AutoencoderKL:
     """Reconstruction (L1 + MSE) with a small KL term; then set FLUX's scaling/shift from the latents.
 
     The KL weight only keeps the posterior from collapsing to points; the latents are then
@@ -278,7 +279,7 @@ def _write_pipeline(directory: pathlib.Path, text_source: pathlib.Path, vae: Aut
 
 
 def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, command: str = "",
-                       log: Log = print, device: torch.device = torch.device("cpu")) -> pathlib.Path:
+                       log: Log = print, device: torch.device = CPU) -> pathlib.Path:
     """Render the data, train VAE then transformer, and write the pipeline folder atomically.
 
     Random draws come from CPU generators on every device, so a GPU run sees the same data,

@@ -12,8 +12,13 @@ from diffusers import FluxPipeline
 
 from arcflow.backbones.flux import FluxBackbone, pack
 from arcflow.sampling import sample_teacher
-from arcflow.teacher_training import (TeacherRecipe, build_transformer, flow_matching_loss, reconstruction_accuracy,
-                                      train_demo_teacher)
+from arcflow.teacher_training import (
+    TeacherRecipe,
+    build_transformer,
+    flow_matching_loss,
+    reconstruction_accuracy,
+    train_demo_teacher,
+)
 
 SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
 TINY = TeacherRecipe(num_images=8, vae_channels=(8, 8, 8, 8), vae_steps=2, vae_batch_size=2, teacher_steps=2,
