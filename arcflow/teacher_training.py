@@ -333,3 +333,63 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
         shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out}")
     return out
+
+
+def finetune_decoder(pipeline_dir: str | pathlib.Path, steps: int, lr: float = 3e-4, batch_size: int = 32,
+                     command: str = "", log: Log = print, device: torch.device = CPU) -> dict[str, object]:
+    """Train only the VAE decoder of an existing teacher folder, in place, and record it in ``training.json``.
+
+    The encoder (hence the latent space, ``shift_factor``/``scaling_factor`` and the
+    transformer trained on it) is untouched, so the teacher stays valid while its samples
+    decode sharper (the way Stable Diffusion's ft-MSE decoder was made). Weights are swapped
+    in only when training is done.
+    """
+    directory = pathlib.Path(pipeline_dir)
+    record = json.loads((directory / "training.json").read_text(encoding="utf-8"))
+    recipe = TeacherRecipe(**{key: tuple(value) if isinstance(value, list) else value
+                              for key, value in record["recipe"].items()})
+    vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=torch.float32).to(device).eval()
+    before = reconstruction_accuracy(vae, recipe.image_size)
+    log(f"decoder fine-tune: reconstructions before {json.dumps(before)}")
+    images, _ = scene_batch(recipe.seed, 0, recipe.num_images, recipe.image_size)
+    mean, std = encode_latents(vae, images)
+    data = _to_unit_range(images).to(device)
+    generator = torch.Generator().manual_seed(recipe.seed + 2)
+    vae.decoder.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.decoder.parameters(), lr=lr, weight_decay=0.0)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * _lr_factor(step, min(100, steps // 10 + 1), steps)
+        index = torch.randint(len(data), (batch_size,), generator=generator)
+        noise = torch.randn((batch_size, *mean.shape[1:]), generator=generator).to(device)
+        index = index.to(device)
+        recon = vae.decode(mean[index] + std[index] * noise).sample
+        loss = (recon - data[index]).abs().mean() + (recon - data[index]).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
+        optimizer.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"decoder step {step} rec {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+    vae.eval().requires_grad_(False)
+    after = reconstruction_accuracy(vae, recipe.image_size)
+    log(f"decoder fine-tune: reconstructions after {json.dumps(after)}")
+    staged = directory / ".vae.tmp"
+    shutil.rmtree(staged, ignore_errors=True)
+    vae.to(torch.float16).save_pretrained(staged)
+    retired = directory / ".vae.old"
+    (directory / "vae").rename(retired)
+    staged.rename(directory / "vae")
+    shutil.rmtree(retired)
+    record["decoder_finetune"] = {
+        "steps": steps, "lr": lr, "batch_size": batch_size, "command": command,
+        "seconds": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "reconstruction_before": before, "reconstruction_after": after,
+    }
+    partial = directory / ".training.json.tmp"
+    partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    partial.rename(directory / "training.json")
+    return record["decoder_finetune"]
+

@@ -9,12 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import FluxPipeline
+from safetensors.torch import load_file
 
 from arcflow.backbones.flux import FluxBackbone, pack
 from arcflow.sampling import sample_teacher
 from arcflow.teacher_training import (
     TeacherRecipe,
     build_transformer,
+    finetune_decoder,
     flow_matching_loss,
     reconstruction_accuracy,
     train_demo_teacher,
@@ -71,6 +73,23 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity() -> None:
     loss = flow_matching_loss(transformer, x0, text, pooled, recipe, torch.Generator().manual_seed(0))
     assert loss.item() < 1e-10
     assert ((captured["sigma"] > 0) & (captured["sigma"] < 1)).all()
+
+
+def test_decoder_finetune_keeps_the_latent_space(tmp_path: pathlib.Path) -> None:
+    out = train_demo_teacher(tmp_path / "teacher", TINY, command="pytest", log=lambda message: None)
+    before = load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    transformer = (out / "transformer/diffusion_pytorch_model.safetensors").read_bytes()
+    entry = finetune_decoder(out, steps=2, batch_size=2, command="ft", log=lambda message: None)
+    after = load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    assert set(before) == set(after)
+    assert all(torch.equal(before[name], after[name]) for name in before if not name.startswith("decoder."))
+    assert any(not torch.equal(before[name], after[name]) for name in before if name.startswith("decoder."))
+    assert (out / "transformer/diffusion_pytorch_model.safetensors").read_bytes() == transformer
+    record = json.loads((out / "training.json").read_text())
+    assert record["decoder_finetune"] == entry and entry["command"] == "ft" and entry["steps"] == 2
+    assert record["command"] == "pytest"  # the original training is still described
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing half-written left
+    _check_pipeline(out)
 
 
 def test_reconstruction_accuracy_is_perfect_for_an_identity_autoencoder() -> None:
