@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,19 +55,15 @@ class SceneBench:
         """One table row; ``sampler=None`` scores the reference itself (its PSNR is infinite: ``None``)."""
         out = self.reference if sampler is None else self.run(sampler)
         self.images[name] = out["images"]
-        found = [synthetic.detect(np.asarray((image.permute(1, 2, 0) * 255).round().to(torch.uint8)))
-                 for image in out["images"]]
-        matches = [synthetic.attribute_matches(scene, detection) for scene, detection in zip(self.scenes, found)]
-        row: dict[str, object] = {
+        pixels = (out["images"].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        found = synthetic.accuracies(self.scenes, list(pixels))
+        return {
             "name": name,
             "nfe": nfe,
             "latent_mse": float((out["latents"] - self.reference["latents"]).pow(2).mean()),
             "psnr": None if sampler is None else float(psnr(out["images"], self.reference["images"]).mean()),
-            "prompt_accuracy": float(np.mean([synthetic.prompt_follows(s, d) for s, d in zip(self.scenes, found)])),
+            **{f"{key}_accuracy": value for key, value in found.items()},
         }
-        for attribute in matches[0]:
-            row[f"{attribute}_accuracy"] = float(np.mean([match[attribute] for match in matches]))
-        return row
 
     def teacher_rows(self) -> list[dict[str, object]]:
         """The reference and the teacher's own few-step Euler samplers."""

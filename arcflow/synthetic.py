@@ -215,6 +215,16 @@ def attribute_matches(scene: Scene, found: Detection) -> dict[str, bool]:
     }
 
 
+def accuracies(scenes: list[Scene], images: list[np.ndarray]) -> dict[str, float]:
+    """Fractions of ``images`` (uint8 RGB) that follow their scene: ``prompt`` (colour and shape) and each attribute."""
+    found = [detect(image) for image in images]
+    matches = [attribute_matches(scene, detection) for scene, detection in zip(scenes, found)]
+    result = {"prompt": float(np.mean([prompt_follows(s, d) for s, d in zip(scenes, found)]))}
+    for attribute in matches[0]:
+        result[attribute] = float(np.mean([match[attribute] for match in matches]))
+    return result
+
+
 def scene_batch(seed: int, start: int, length: int, size: int = 64) -> tuple[np.ndarray, list[Scene]]:
     """Rendered images (N, size, size, 3) uint8 and their scenes for indices ``start..start+length-1``."""
     scenes = [make_scene(seed, index) for index in range(start, start + length)]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from arcflow.backbones.flux import latent_image_ids, pack, unpack
 from arcflow.schedule import shifted_sigma
-from arcflow.synthetic import detect, make_scene, prompt_follows, scene_batch
+from arcflow.synthetic import accuracies, make_scene, scene_batch
 from arcflow.text_encoders import PretrainedFluxTextEncoder
 from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 
@@ -120,6 +120,11 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
+def _reconstruction_loss(recon: Tensor, target: Tensor) -> Tensor:
+    """L1 + MSE: L1 keeps edges sharp, MSE punishes the large colour errors."""
+    return (recon - target).abs().mean() + (recon - target).pow(2).mean()
+
+
 def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print,
               device: torch.device = CPU) -> AutoencoderKL:
     """Reconstruction (L1 + MSE) with a small KL term; then set FLUX's scaling/shift from the latents.
@@ -142,7 +147,7 @@ def train_vae(images: np.ndarray, recipe: TeacherRecipe, log: Log = print,
         noise = torch.randn(posterior.mean.shape, generator=generator).to(device)
         latents = posterior.mean + posterior.std * noise
         recon = vae.decode(latents).sample
-        rec = (recon - batch).abs().mean() + (recon - batch).pow(2).mean()
+        rec = _reconstruction_loss(recon, batch)
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = rec + recipe.vae_kl_weight * kl
         optimizer.zero_grad(set_to_none=True)
@@ -180,11 +185,9 @@ def reconstruction_accuracy(vae: AutoencoderKL, image_size: int, num_scenes: int
     mean, _ = encode_latents(vae, images)
     decoded = torch.cat([vae.decode(mean[begin:begin + 256]).sample for begin in range(0, len(mean), 256)])
     pixels = ((decoded / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    found = [detect(image) for image in pixels]
+    found = accuracies(scenes, list(pixels))
     return {
-        "prompt": float(np.mean([prompt_follows(scene, seen) for scene, seen in zip(scenes, found)])),
-        "colour": float(np.mean([seen.colour == scene.colour for scene, seen in zip(scenes, found)])),
-        "shape": float(np.mean([seen.shape == scene.shape for scene, seen in zip(scenes, found)])),
+        **{key: found[key] for key in ("prompt", "colour", "shape")},
         "mse": float(((torch.from_numpy(pixels).float() - torch.from_numpy(images).float()) / 127.5).pow(2).mean()),
     }
 
@@ -254,6 +257,11 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
     return transformer.eval().requires_grad_(False)
 
 
+def _device_name(device: torch.device) -> str:
+    """What ``training.json`` records as the device: the GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def write_demo_prompts(path: pathlib.Path, recipe: TeacherRecipe, num_val: int = 8) -> None:
     """Distillation prompts: every distinct training caption (sorted), then ``num_val`` held-out ones last.
 
@@ -320,7 +328,7 @@ def train_demo_teacher(out_dir: str | pathlib.Path, recipe: TeacherRecipe, comma
             "vae_reconstruction": reconstruction,
             "total_seconds": round(time.perf_counter() - started, 1),
             "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": _device_name(device),
         }
         final = staging / "pipeline"
         final.mkdir()
@@ -365,7 +373,7 @@ def finetune_decoder(pipeline_dir: str | pathlib.Path, steps: int, lr: float = 3
         noise = torch.randn((batch_size, *mean.shape[1:]), generator=generator).to(device)
         index = index.to(device)
         recon = vae.decode(mean[index] + std[index] * noise).sample
-        loss = (recon - data[index]).abs().mean() + (recon - data[index]).pow(2).mean()
+        loss = _reconstruction_loss(recon, data[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.decoder.parameters(), 1.0)
@@ -385,7 +393,7 @@ def finetune_decoder(pipeline_dir: str | pathlib.Path, steps: int, lr: float = 3
     record["decoder_finetune"] = {
         "steps": steps, "lr": lr, "batch_size": batch_size, "command": command,
         "seconds": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": _device_name(device),
         "reconstruction_before": before, "reconstruction_after": after,
     }
     partial = directory / ".training.json.tmp"
