@@ -18,13 +18,16 @@ from arcflow.teacher_training import (
     build_transformer,
     finetune_decoder,
     flow_matching_loss,
+    guidance_distillation_loss,
     reconstruction_accuracy,
+    retrain_transformer,
     train_demo_teacher,
 )
 
 SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
 TINY = TeacherRecipe(num_images=8, vae_channels=(8, 8, 8, 8), vae_steps=2, vae_batch_size=2, teacher_steps=2,
-                     teacher_batch_size=2, num_attention_heads=2, attention_head_dim=16, warmup_steps=1)
+                     guidance_steps=2, teacher_batch_size=2, num_attention_heads=2, attention_head_dim=16,
+                     warmup_steps=1)
 
 
 def _check_pipeline(folder: pathlib.Path) -> None:
@@ -75,6 +78,73 @@ def test_flow_matching_loss_is_zero_for_the_exact_velocity() -> None:
     assert ((captured["sigma"] > 0) & (captured["sigma"] < 1)).all()
 
 
+def test_caption_dropout_swaps_in_the_empty_caption() -> None:
+    """Dropped rows see the null embedding, kept rows their own; the guidance input is always 1."""
+    transformer = build_transformer(TeacherRecipe(num_attention_heads=2, attention_head_dim=16))
+    seen: dict[str, torch.Tensor] = {}
+
+    def spy(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, pooled_projections: torch.Tensor,
+            guidance: torch.Tensor, **_: object) -> tuple[torch.Tensor]:
+        seen.update(text=encoder_hidden_states, pooled=pooled_projections, guidance=guidance)
+        return (torch.zeros_like(hidden_states),)
+
+    transformer.forward = spy
+    text, pooled = torch.randn(64, 32, 32), torch.randn(64, 32)
+    null = (torch.full((1, 32, 32), 7.0), torch.full((1, 32), 7.0))
+    for dropout, expected in ((0.0, 0), (1.0, 64)):
+        flow_matching_loss(transformer, torch.randn(64, 16, 8, 8), text, pooled,
+                           TeacherRecipe(caption_dropout=dropout), torch.Generator().manual_seed(0), null)
+        dropped = (seen["text"] == 7.0).flatten(1).all(1)
+        assert int(dropped.sum()) == expected and bool(((seen["pooled"] == 7.0).all(1) == dropped).all())
+        assert torch.equal(seen["text"][~dropped], text[~dropped]) and bool((seen["guidance"] == 1).all())
+    flow_matching_loss(transformer, torch.randn(64, 16, 8, 8), text, pooled, TeacherRecipe(caption_dropout=0.25),
+                       torch.Generator().manual_seed(0), null)
+    assert 4 <= int((seen["text"] == 7.0).flatten(1).all(1).sum()) <= 28
+
+
+def test_guidance_distillation_target_is_classifier_free_guidance() -> None:
+    """A student computing v_null + g (v_text - v_null) from a known teacher scores 0; a wrong formula does not."""
+    recipe = TeacherRecipe(num_attention_heads=2, attention_head_dim=16)
+
+    def teacher_velocity(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * encoder_hidden_states.mean((1, 2)).view(-1, 1, 1) + encoder_hidden_states[:, :1, :1]
+
+    teacher, student = build_transformer(recipe), build_transformer(recipe)
+    teacher.forward = lambda hidden_states, encoder_hidden_states, guidance, **_: (
+        teacher_velocity(hidden_states, encoder_hidden_states) * guidance.view(-1, 1, 1),)  # must be told g = 1
+    null = (torch.randn(1, 32, 32), torch.randn(1, 32))
+
+    def cfg(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, guidance: torch.Tensor,
+            **_: object) -> tuple[torch.Tensor]:
+        conditional = teacher_velocity(hidden_states, encoder_hidden_states)
+        unconditional = teacher_velocity(hidden_states, null[0].expand_as(encoder_hidden_states))
+        return (unconditional + guidance.view(-1, 1, 1) * (conditional - unconditional),)
+
+    student.forward = cfg
+    text, pooled, x0 = torch.randn(5, 32, 32), torch.randn(5, 32), torch.randn(5, 16, 8, 8)
+    loss = guidance_distillation_loss(student, teacher, x0, text, pooled, null, recipe, torch.Generator().manual_seed(0))
+    assert loss.item() < 1e-10
+    student.forward = lambda guidance, **kwargs: cfg(guidance=guidance + 0.5, **kwargs)
+    assert guidance_distillation_loss(student, teacher, x0, text, pooled, null, recipe,
+                                      torch.Generator().manual_seed(0)).item() > 1e-3
+
+
+def test_retrain_transformer_keeps_the_vae(tmp_path: pathlib.Path) -> None:
+    out = train_demo_teacher(tmp_path / "teacher", TINY, command="pytest", log=lambda message: None)
+    vae = (out / "vae/diffusion_pytorch_model.safetensors").read_bytes()
+    before = load_file(out / "transformer/diffusion_pytorch_model.safetensors")
+    entry = retrain_transformer(out, {"teacher_steps": 3, "guidance_steps": 2}, command="again",
+                                log=lambda message: None)
+    assert (out / "vae/diffusion_pytorch_model.safetensors").read_bytes() == vae
+    after = load_file(out / "transformer/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    record = json.loads((out / "training.json").read_text())
+    assert record["recipe"]["teacher_steps"] == 3 and record["recipe"]["guidance_steps"] == 2
+    assert record["stages"] == [entry] and entry["command"] == "again" and record["command"] == "pytest"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    _check_pipeline(out)
+
+
 def test_decoder_finetune_keeps_the_latent_space(tmp_path: pathlib.Path) -> None:
     out = train_demo_teacher(tmp_path / "teacher", TINY, command="pytest", log=lambda message: None)
     before = load_file(out / "vae/diffusion_pytorch_model.safetensors")
@@ -86,7 +156,7 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path: pathlib.Path) -> None
     assert any(not torch.equal(before[name], after[name]) for name in before if name.startswith("decoder."))
     assert (out / "transformer/diffusion_pytorch_model.safetensors").read_bytes() == transformer
     record = json.loads((out / "training.json").read_text())
-    assert record["decoder_finetune"] == entry and entry["command"] == "ft" and entry["steps"] == 2
+    assert record["stages"] == [entry] and entry["command"] == "ft" and entry["steps"] == 2
     assert record["command"] == "pytest"  # the original training is still described
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # nothing half-written left
     _check_pipeline(out)

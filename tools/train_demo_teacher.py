@@ -6,6 +6,10 @@ About 3 minutes on one H100 (how the shipped teacher was made); on a CPU it runs
 roughly 1 s per VAE step and 0.3 s per transformer step on 2 cores. Writes a FluxPipeline
 folder (diffusers layout, fp16 safetensors) with ``training.json`` recording the recipe,
 the device and this command. ``--set key=value`` overrides a recipe field.
+
+Later stages change a teacher folder in place and append themselves to ``training.json``:
+``--finetune-decoder STEPS`` sharpens the VAE decoder; ``--retrain-transformer`` trains the
+transformer again on the folder's VAE (with ``--set`` overrides of transformer fields).
 """
 
 import argparse
@@ -17,20 +21,25 @@ import sys
 import torch
 import transformers
 
-from arcflow.teacher_training import TeacherRecipe, finetune_decoder, train_demo_teacher
+from arcflow.teacher_training import (
+    TeacherRecipe,
+    finetune_decoder,
+    retrain_transformer,
+    train_demo_teacher,
+)
 
 
-def _recipe(overrides: list[str]) -> TeacherRecipe:
-    """A TeacherRecipe with ``key=value`` overrides (values parsed as JSON, e.g. vae_channels=[16,32,64,64])."""
+def _overrides(items: list[str]) -> dict[str, object]:
+    """``key=value`` TeacherRecipe overrides (values parsed as JSON, e.g. vae_channels=[16,32,64,64])."""
     fields = {field.name: field for field in dataclasses.fields(TeacherRecipe)}
     values = {}
-    for item in overrides:
+    for item in items:
         key, _, raw = item.partition("=")
         if key not in fields:
             raise SystemExit(f"unknown recipe key {key!r}; valid: {', '.join(fields)}")
         value = json.loads(raw)
         values[key] = tuple(value) if isinstance(value, list) else value
-    return TeacherRecipe(**values)
+    return values
 
 
 def _print(message: str) -> None:
@@ -46,14 +55,20 @@ if __name__ == "__main__":
     parser.add_argument("--finetune-decoder", type=int, metavar="STEPS",
                         help="instead of training: fine-tune the VAE decoder of the teacher in OUT_DIR for STEPS "
                              "steps (encoder, latent space and transformer unchanged)")
+    parser.add_argument("--retrain-transformer", action="store_true",
+                        help="instead of training: train the transformer of the teacher in OUT_DIR again on its VAE")
     parser.add_argument("--decoder-lr", type=float, default=3e-4, help="learning rate of --finetune-decoder")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TeacherRecipe fields")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     command = "python " + " ".join(shlex.quote(arg) for arg in sys.argv)
+    device = torch.device(args.device)
     if args.finetune_decoder:
         finetune_decoder(args.out_dir, args.finetune_decoder, args.decoder_lr, command=command, log=_print,
-                         device=torch.device(args.device))
+                         device=device)
+    elif args.retrain_transformer:
+        retrain_transformer(args.out_dir, _overrides(args.set), command=command, log=_print, device=device)
     else:
-        train_demo_teacher(args.out_dir, _recipe(args.set), command=command, log=_print, device=torch.device(args.device))
+        train_demo_teacher(args.out_dir, TeacherRecipe(**_overrides(args.set)), command=command, log=_print,
+                           device=device)
