@@ -1,10 +1,10 @@
-"""Train a small FLUX-architecture teacher on the synthetic scenes, offline (GPU in minutes, CPU in about an hour).
+"""Train a small FLUX-architecture teacher on the synthetic scenes, offline (GPU in minutes, 2-core CPU in ~80).
 
 Distillation can only be judged on a teacher whose trajectories carry something to learn,
 so the demo ships one trained here: the tiny frozen CLIP/T5 (and tokenizers) of
 :mod:`arcflow.tiny_flux`, a 16-channel 8x-downsampling ``AutoencoderKL`` trained on the
 rendered scenes, and a ``FluxTransformer2DModel`` trained by rectified flow matching on its
-latents, all written as a ``FluxPipeline`` folder.
+latents and then guidance-distilled (like FLUX.1-dev), all written as a ``FluxPipeline`` folder.
 """
 
 from __future__ import annotations
