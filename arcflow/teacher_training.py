@@ -313,16 +313,15 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed + 1)
         transformer = build_transformer(recipe).to(latent_mean.device)
-    device = latent_mean.device
 
-    def clean_latents(index: Tensor) -> Tensor:
-        noise = torch.randn((len(index), *latent_mean.shape[1:]), generator=generator).to(device)
-        index = index.to(device)
-        return latent_mean[index] + latent_std[index] * noise
+    def batch(index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Latents sampled from the images' posteriors, with their captions' embeddings."""
+        noise = torch.randn((len(index), *latent_mean.shape[1:]), generator=generator).to(latent_mean.device)
+        index = index.to(latent_mean.device)
+        return latent_mean[index] + latent_std[index] * noise, text[index], pooled[index]
 
     def flow_matching(index: Tensor) -> Tensor:
-        return flow_matching_loss(transformer, clean_latents(index), text[index.to(device)],
-                                  pooled[index.to(device)], recipe, generator, null)
+        return flow_matching_loss(transformer, *batch(index), recipe, generator, null)
 
     unguided = _train_with_ema(transformer, flow_matching, recipe.teacher_steps, recipe.teacher_lr, recipe,
                                generator, len(latent_mean), "teacher", log)
@@ -331,8 +330,7 @@ def train_transformer(latent_mean: Tensor, latent_std: Tensor, text: Tensor, poo
     student = copy.deepcopy(unguided).train().requires_grad_(True)
 
     def guidance_distillation(index: Tensor) -> Tensor:
-        return guidance_distillation_loss(student, unguided, clean_latents(index), text[index.to(device)],
-                                          pooled[index.to(device)], null, recipe, generator)
+        return guidance_distillation_loss(student, unguided, *batch(index), null, recipe, generator)
 
     return _train_with_ema(student, guidance_distillation, recipe.guidance_steps, recipe.guidance_lr, recipe,
                            generator, len(latent_mean), "guidance", log)
@@ -364,7 +362,7 @@ def _write_pipeline(directory: pathlib.Path, text_source: pathlib.Path, vae: Aut
     vae.to(torch.float16).save_pretrained(directory / "vae")
     transformer.to(torch.float16).save_pretrained(directory / "transformer")
     (directory / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    write_demo_prompts(directory / "prompts.jsonl", TeacherRecipe(**record["recipe"]))
+    write_demo_prompts(directory / "prompts.jsonl", _recipe_of(record))
 
 
 def _train_on_vae(vae: AutoencoderKL, text_source: pathlib.Path, recipe: TeacherRecipe, log: Log,
