@@ -1,4 +1,4 @@
-"""Command line: ``arcflow {train,sample,tiny-flux,demo}``; ``tools/*.py`` call into here."""
+"""Command line: ``arcflow {train,sample,export,generate,cache,tiny,demo}``; ``tools/*.py`` call into here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
-from arcflow.pipelines.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
+from arcflow.inference.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
 
 DEMO_CONFIG = "configs/demo/teacher_arcflux_2nfe.py"
 TINY_CONFIG = "configs/demo/arcflux_tiny_2nfe.py"
@@ -42,7 +42,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 @record
 def run_train(args: argparse.Namespace) -> RunConfig:
     """Train on this process's rank; a failure is reported with the rank before the job stops."""
-    from arcflow.trainer import Trainer
+    from arcflow.training.trainer import Trainer
 
     cfg = config_from_args(args)
     env = init_distributed(args.launcher)
@@ -59,7 +59,7 @@ def run_train(args: argparse.Namespace) -> RunConfig:
 
 
 def run_sample(args: argparse.Namespace) -> None:
-    from arcflow.inference import generate
+    from arcflow.inference.student import generate
 
     cfg = resolve_dirs(load_config(args.config, dict(args.cfg_options or {})), None)
     out = generate(cfg, args.ckpt, args.prompt, args.nfe, args.out, height=args.height, width=args.width,
@@ -67,25 +67,26 @@ def run_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def run_tiny_flux(args: argparse.Namespace) -> None:
-    from arcflow.tiny_flux import make_tiny_flux
+def run_tiny(args: argparse.Namespace) -> None:
+    from arcflow.models import get_family
 
-    print(f"wrote {make_tiny_flux(args.out_dir, seed=args.seed)}")
+    print(f"wrote {get_family(args.family).make_tiny(args.out_dir, args.seed)}")
 
 
 def run_demo(args: argparse.Namespace) -> None:
     """Distil the demo teacher and print how close the 2-NFE student gets, and whether it follows prompts.
 
     The default teacher is the trained synthetic-scenes model in ``assets/demo_teacher``; with
-    ``--config configs/demo/arcflux_tiny_2nfe.py`` a tiny random FLUX is made if absent.
+    ``--config configs/demo/arcflux_tiny_2nfe.py`` a tiny random model of the config's family is
+    made if absent.
     """
-    from arcflow.tiny_flux import make_tiny_flux
+    from arcflow.models import get_family
 
     cfg_options = dict(args.cfg_options or {})
     probe = load_config(args.config, cfg_options)
     if not Path(probe.model.pretrained, "model_index.json").is_file():
-        print(f"making the tiny FLUX-architecture model in {probe.model.pretrained}")
-        make_tiny_flux(probe.model.pretrained, seed=0)
+        print(f"making the tiny {probe.model.backbone} model in {probe.model.pretrained}")
+        get_family(probe.model.backbone).make_tiny(probe.model.pretrained, 0)
     train_args = argparse.Namespace(config=args.config, work_dir=args.work_dir, cfg_options=cfg_options,
                                     launcher="none", seed=None, diff_seed=False)
     cfg = run_train(train_args)
@@ -97,8 +98,8 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def scene_table(cfg: RunConfig) -> str:
     """The distillation table on held-out scenes for this run's EMA student at its training NFE."""
-    from arcflow.inference import load_ema_student
-    from arcflow.scene_eval import SceneBench, markdown_table
+    from arcflow.demo.scene_eval import SceneBench, markdown_table
+    from arcflow.inference.student import load_ema_student
 
     backbone, text_encoder, vae = load_ema_student(cfg, cfg.checkpoint_dir, init_distributed("none").device)
     bench = SceneBench(backbone, text_encoder, vae, DEMO_SCENES, cfg.data.val.height, cfg.data.val.width,
@@ -111,7 +112,7 @@ def scene_table(cfg: RunConfig) -> str:
 
 def run_cache(args: argparse.Namespace) -> None:
     """``arcflow cache verify CONFIG``: check every shard of the config's cache against its manifest."""
-    from arcflow.embedding_cache import verify_cache
+    from arcflow.data.embedding_cache import verify_cache
 
     problems = verify_cache(load_config(args.config, dict(args.cfg_options or {})).data.data_root)
     if problems:
@@ -153,10 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     sample.set_defaults(func=run_sample)
 
-    tiny = commands.add_parser("tiny-flux", help="write a tiny random FLUX-architecture diffusers pipeline")
+    tiny = commands.add_parser("tiny", help="write a tiny random model of a family as a diffusers pipeline folder")
     tiny.add_argument("out_dir")
+    tiny.add_argument("--family", default="flux", help="model family (model.backbone), e.g. flux")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.set_defaults(func=run_tiny_flux)
+    tiny.set_defaults(func=run_tiny)
+    tiny_flux = commands.add_parser("tiny-flux", help="the same as: tiny OUT_DIR --family flux")
+    tiny_flux.add_argument("out_dir")
+    tiny_flux.add_argument("--seed", type=int, default=0)
+    tiny_flux.set_defaults(func=run_tiny, family="flux")
 
     demo = commands.add_parser("demo", help="distil the shipped scenes teacher on this machine and print the tables")
     demo.add_argument("--config", default=DEMO_CONFIG)

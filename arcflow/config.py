@@ -22,7 +22,8 @@ from mmengine.config import Config
 class TextEncoderConfig:
     """Embed prompts on the fly (no cache). ``pretrained`` defaults to the model's."""
 
-    type: str = "PretrainedFluxTextEncoder"
+    type: str | None = None
+    """A text-encoder class of the model's family (``arcflow.models``); None: the family's default."""
     pretrained: str | None = None
     max_sequence_length: int = 512
     dtype: str | None = None
@@ -123,7 +124,7 @@ CACHE_MODES = ("auto", "always", "never")
 
 @dataclass
 class DataConfig:
-    """Prompt sets and where their embedding cache lives (see arcflow.data for the cache rule)."""
+    """Prompt sets and where their embedding cache lives (see arcflow.data.batches for the cache rule)."""
 
     source: str = ""
     """Default prompt set of both splits: hub dataset id or local file/folder."""

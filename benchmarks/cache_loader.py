@@ -31,9 +31,9 @@ import pyarrow as pa
 import torch
 
 from arcflow.config import PromptsConfig
+from arcflow.data.embedding_cache import CODEC, CachedSplit, cache_split, make_plan, quantize
+from arcflow.data.prompt_sources import PromptTable
 from arcflow.distributed import DistEnv
-from arcflow.embedding_cache import CODEC, CachedSplit, cache_split, make_plan, quantize
-from arcflow.prompt_sources import PromptTable
 
 
 def synthetic_table(n: int) -> PromptTable:
@@ -73,7 +73,7 @@ def read_throughput(directory: Path, batch_size: int, reads: int, dtype: torch.d
 
 def tiny_t5_ratio(tiny_flux: str, prompts: list[str]) -> float:
     """Stored / raw bytes of the fp8 T5 rows of the tiny FLUX's T5 at 512 tokens."""
-    from arcflow.text_encoders import PretrainedFluxTextEncoder
+    from arcflow.models.flux.text_encoder import PretrainedFluxTextEncoder
 
     encoder = PretrainedFluxTextEncoder(tiny_flux, max_sequence_length=512, torch_dtype="float32")
     codes, _ = quantize(encoder.encode(prompts)["prompt_embeds"])

@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: import this checkout's arcflow, not an installed one
 
 from arcflow.config import load_config, resolve_dirs
-from arcflow.evaluation import save_grid
-from arcflow.inference import load_ema_student
-from arcflow.scene_eval import NOISE_SEED, REFERENCE_STEPS, SceneBench, markdown_table
-from arcflow.teacher_training import EVAL_SEED
+from arcflow.demo.scene_eval import NOISE_SEED, REFERENCE_STEPS, SceneBench, markdown_table
+from arcflow.demo.teacher_training import EVAL_SEED
+from arcflow.images import save_grid
+from arcflow.inference.student import load_ema_student
 
 CONFIG = "configs/demo/teacher_arcflux_2nfe.py"
 GRID_PROMPTS = 8

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from arcflow.backbones.flux import FluxBackbone
 from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import DistEnv
+from arcflow.models.flux.backbone import FluxBackbone
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -98,7 +98,7 @@ def flops_per_iteration(cfg: RunConfig, batch: int) -> float:
 
 def run_scenario(base: RunConfig, parallel: str, batch: int, micro: int | None, env: DistEnv, iters: int,
                  warmup: int) -> dict:
-    from arcflow.trainer import Trainer
+    from arcflow.training.trainer import Trainer
 
     cfg = replace(base, train_cfg=replace(base.train_cfg, parallel=parallel, batch_size=batch,
                                           grad_accum_batch_size=micro))

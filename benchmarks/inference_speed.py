@@ -39,10 +39,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
-from arcflow.export import split_student_state, student_ema_shapes, write_adapter
+from arcflow.inference.export import split_student_state, student_ema_shapes, write_adapter
+from arcflow.models.adapter import AdapterConfig
+from arcflow.models.flux.backbone import LORA_TARGETS
+from arcflow.models.flux.tiny import make_tiny_flux
 from arcflow.pipelines import ArcFluxPipeline
-from arcflow.pipelines.adapter import AdapterConfig
-from arcflow.tiny_flux import make_tiny_flux
 
 # Published configs of black-forest-labs/FLUX.1-dev (transformer/, vae/), openai/clip-vit-large-patch14's
 # text tower and google/t5-v1_1-xxl's encoder.
@@ -115,7 +116,7 @@ def write_random_adapter(transformer: nn.Module, out_dir: Path, num_modes: int, 
                          dtype: torch.dtype) -> Path:
     """An adapter folder of the exported format with random values, shaped for ``transformer``."""
     generator = torch.Generator().manual_seed(0)
-    shapes = student_ema_shapes(transformer, num_modes, lora_rank)
+    shapes = student_ema_shapes(transformer, num_modes, lora_rank, LORA_TARGETS)
     ema = {name: torch.randn(shape, generator=generator, dtype=dtype) * 0.02 for name, shape in shapes.items()}
     lora, heads = split_student_state(ema)
     config = AdapterConfig(base_model="random", num_modes=num_modes, shift=3.2, nfe=2, timestep_ratio=1.0,

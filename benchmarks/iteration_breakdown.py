@@ -29,12 +29,12 @@ from unittest import mock
 import torch
 from mmengine.config import DictAction
 
-import arcflow.trainer
+import arcflow.training.trainer
 from arcflow.cli import TINY_CONFIG
 from arcflow.config import load_config, resolve_dirs
 from arcflow.distributed import DistEnv
-from arcflow.tiny_flux import make_tiny_flux
-from arcflow.trainer import Trainer
+from arcflow.models.flux.tiny import make_tiny_flux
+from arcflow.training.trainer import Trainer
 
 TINY_FLUX_DIR = "data/demo/tiny-flux"
 """Where the demo config expects the tiny teacher; only this path is ever generated."""
@@ -116,7 +116,7 @@ def instrumented(trainer: Trainer, timer: ExclusiveTimer) -> Iterator[None]:
         # student_policy's own time (splitting the head output into a policy) is policy math.
         (backbone, "student_policy", timer.timed(ROLLOUT, backbone.student_policy)),
         (backbone, "_forward", forward),
-        (arcflow.trainer, "segment_loss", timer.timed(ROLLOUT, arcflow.trainer.segment_loss)),
+        (arcflow.training.trainer, "segment_loss", timer.timed(ROLLOUT, arcflow.training.trainer.segment_loss)),
         (torch.Tensor, "backward", timer.timed(STUDENT_BACKWARD, torch.Tensor.backward)),
         (torch.nn.utils, "clip_grad_norm_", timer.timed(OPTIMIZER, torch.nn.utils.clip_grad_norm_)),
         (trainer.optimizer, "step", timer.timed(OPTIMIZER, trainer.optimizer.step)),

@@ -20,8 +20,8 @@ from unittest import mock
 import torch
 from diffusers import FluxTransformer2DModel
 
-from arcflow.backbones.flux import FluxBackbone
 from arcflow.config import ModelConfig, load_config, torch_dtype
+from arcflow.models.flux.backbone import FluxBackbone
 
 REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/flux/arcflux_2nfe_k16.py"
 

@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from arcflow.tiny_flux import make_tiny_flux
+from arcflow.models.flux.tiny import make_tiny_flux
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from arcflow.config import load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
-from arcflow.trainer import Trainer
+from arcflow.training.trainer import Trainer
 
 
 def _value(text: str):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from arcflow.backbones.flux import FluxBackbone, pack, unpack
+from arcflow.models.base import pack, unpack
+from arcflow.models.flux.backbone import FluxBackbone
 
 K = 4
 

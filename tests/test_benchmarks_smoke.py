@@ -12,9 +12,9 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 
-from arcflow.backbones.flux import FluxBackbone
 from arcflow.cli import TINY_CONFIG
 from arcflow.config import ModelConfig
+from arcflow.models.flux.backbone import FluxBackbone
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| (.+?) \| ([\d,.]+) \| ([\d.]+) \|$", re.MULTILINE)

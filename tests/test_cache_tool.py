@@ -15,8 +15,8 @@ import torch
 
 from arcflow.cli import main as arcflow_main
 from arcflow.config import load_config
-from arcflow.data import build_train_data, build_val_data
-from arcflow.embedding_cache import shard_path
+from arcflow.data.batches import build_train_data, build_val_data
+from arcflow.data.embedding_cache import shard_path
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo/arcflux_tiny_2nfe.py"
@@ -27,7 +27,7 @@ SIZES = [(128, 128), (96, 160), (160, 96), (112, 144), (144, 112), (64, 256)]
 # then terminates rank 0 wherever it is.
 DYING = """
 import os, runpy, signal, sys
-import arcflow.embedding_cache as cache
+import arcflow.data.embedding_cache as cache
 real, calls = cache.write_safetensors, []
 def dying(path, tensors, metadata):
     calls.append(path)

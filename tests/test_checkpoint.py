@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from arcflow import checkpoint as ckpt
 from arcflow.distributed import DistEnv
+from arcflow.training import checkpoint as ckpt
 
 
 def tensors(seed):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from arcflow.config import PromptsConfig, load_config
-from arcflow.data import BucketBatchSampler, embedding_source, read_prompts
+from arcflow.data.batches import BucketBatchSampler, embedding_source, read_prompts
 
 DEMO = Path(__file__).resolve().parents[1] / "configs/demo/arcflux_tiny_2nfe.py"
 BUCKETS = np.array([0] * 11 + [1] * 7 + [2] * 2 + [3] * 5)  # 25 items; bucket 2 is smaller than a batch

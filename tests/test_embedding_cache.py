@@ -13,9 +13,9 @@ import torch
 from safetensors import safe_open
 
 from arcflow.config import load_config
-from arcflow.data import build_train_data, build_val_data
-from arcflow.embedding_cache import (CacheError, CachedSplit, content_hash, dequantize, quantize, read_header,
-                                     shard_path, verify_cache, write_safetensors)
+from arcflow.data.batches import build_train_data, build_val_data
+from arcflow.data.embedding_cache import (CachedSplit, CacheError, content_hash, dequantize, quantize, read_header,
+                                          shard_path, verify_cache, write_safetensors)
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo/arcflux_tiny_2nfe.py"

@@ -13,13 +13,13 @@ from diffusers import FluxPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from arcflow import checkpoint as ckpt
-from arcflow.backbones import build_backbone
 from arcflow.cli import main
 from arcflow.config import load_config
 from arcflow.distributed import DistEnv
-from arcflow.export import EMA_GROUP, export_adapter, read_student_ema
-from arcflow.pipelines.adapter import CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig
+from arcflow.inference.export import EMA_GROUP, export_adapter, read_student_ema
+from arcflow.models import build_backbone
+from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig
+from arcflow.training import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo/arcflux_tiny_2nfe.py")

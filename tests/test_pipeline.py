@@ -11,13 +11,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
 from safetensors.torch import save_file
 
-from arcflow.backbones.flux import pack, unpack
 from arcflow.cli import main
 from arcflow.config import load_config
-from arcflow.inference import load_ema_student
+from arcflow.inference.student import load_ema_student
+from arcflow.method.sampling import sample_student
+from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE
+from arcflow.models.base import pack, unpack
 from arcflow.pipelines import ArcFluxPipeline
-from arcflow.pipelines.adapter import CONFIG_FILE, HEADS_FILE
-from arcflow.sampling import sample_student
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "configs/demo/arcflux_tiny_2nfe.py")

@@ -7,7 +7,7 @@ Written against the specification, not the implementation:
     h = sigma_a - sigma_b,  phi(z) = (e^z - 1) / z,  phi(0) = 1
 
 References are computed in float64 with numpy (numerical quadrature, or the closed form
-written with ``expm1``), independently of ``arcflow.policy``.
+written with ``expm1``), independently of ``arcflow.method.policy``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from arcflow.policy import ArcFlowPolicy, log_phi, phi
+from arcflow.method.policy import ArcFlowPolicy, log_phi, phi
 
 F64 = torch.float64
 

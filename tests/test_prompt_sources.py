@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from arcflow.config import PromptsConfig
-from arcflow.prompt_sources import Prompt, load_prompt_table
+from arcflow.data.prompt_sources import Prompt, load_prompt_table
 
 ROWS = [{"prompt": "a red circle", "height": 128, "width": 64},
         {"prompt": " two blue squares ", "height": 64, "width": 128},

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from arcflow.policy import ArcFlowPolicy
-from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
+from arcflow.method.policy import ArcFlowPolicy
+from arcflow.method.rollout import RolloutConfig, RolloutNoise, segment_loss
 
 SHIFT = 3.2
 

@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from arcflow.backbones import build_backbone
 from arcflow.config import load_config, torch_dtype
-from arcflow.scene_eval import REFERENCE_STEPS, SceneBench, markdown_table
-from arcflow.text_encoders import build_text_encoder
+from arcflow.demo.scene_eval import REFERENCE_STEPS, SceneBench, markdown_table
+from arcflow.models import build_backbone, build_text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 
-from arcflow.schedule import segment_bounds, segment_lengths, shifted_sigma, teacher_ratio
-
+from arcflow.method.schedule import segment_bounds, segment_lengths, shifted_sigma, teacher_ratio
 
 # --------------------------------------------------------------------------------------
 # shifted_sigma

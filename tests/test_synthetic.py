@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFilter
 from transformers import CLIPTokenizer, T5TokenizerFast
 
-from arcflow import synthetic
+from arcflow.demo import synthetic
 
 SEED = 7
 

@@ -12,20 +12,13 @@ import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
 
-from arcflow import synthetic
-from arcflow.backbones.flux import FluxBackbone, pack
-from arcflow.sampling import sample_teacher
-from arcflow.teacher_training import (
-    EVAL_SEED,
-    TeacherRecipe,
-    build_transformer,
-    finetune_decoder,
-    flow_matching_loss,
-    guidance_distillation_loss,
-    reconstruction_accuracy,
-    retrain_transformer,
-    train_demo_teacher,
-)
+from arcflow.demo import synthetic
+from arcflow.demo.teacher_training import (EVAL_SEED, TeacherRecipe, build_transformer, finetune_decoder,
+                                           flow_matching_loss, guidance_distillation_loss, reconstruction_accuracy,
+                                           retrain_transformer, train_demo_teacher)
+from arcflow.method.sampling import sample_teacher
+from arcflow.models.base import pack
+from arcflow.models.flux.backbone import FluxBackbone
 
 SHIPPED = pathlib.Path(__file__).resolve().parents[1] / "assets" / "demo_teacher"
 TINY = TeacherRecipe(num_images=8, vae_channels=(8, 8, 8, 8), vae_steps=2, vae_batch_size=2, teacher_steps=2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 
-from arcflow.text_encoders import PretrainedFluxTextEncoder
+from arcflow.models.flux.text_encoder import PretrainedFluxTextEncoder
 
 MAX_LENGTH = 32
 PROMPTS = [

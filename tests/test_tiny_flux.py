@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, T5EncoderModel
 
-from arcflow.tiny_flux import make_tiny_flux
+from arcflow.models.flux.tiny import make_tiny_flux
 
 TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
 

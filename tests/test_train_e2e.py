@@ -8,16 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_checkpoint_group
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
 
-from arcflow.backbones import build_backbone
-from arcflow.backbones.flux import pack, unpack
 from arcflow.cli import main
 from arcflow.config import load_config
-from arcflow.sampling import sample_teacher
-from arcflow.text_encoders import build_text_encoder
-from conftest import read_checkpoint_group
+from arcflow.method.sampling import sample_teacher
+from arcflow.models import build_backbone, build_text_encoder
+from arcflow.models.base import pack, unpack
 
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ from mmengine.config import Config, DictAction
 from tqdm import tqdm
 
 from arcflow.config import RunConfig, load_config
+from arcflow.data.embedding_cache import (SPLITS, CacheError, cache_split, describe_split, human_bytes, make_plan,
+                                          split_dir, storage_estimate)
+from arcflow.data.prompt_sources import PromptTable, load_prompt_table
 from arcflow.distributed import DistEnv, destroy_distributed, init_distributed
-from arcflow.embedding_cache import (SPLITS, CacheError, cache_split, describe_split, human_bytes, make_plan, split_dir,
-                                     storage_estimate)
-from arcflow.prompt_sources import PromptTable, load_prompt_table
-from arcflow.text_encoders import build_text_encoder
+from arcflow.models import build_text_encoder, text_encoder_type
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
     _, seq_len, seq_dim = probe["prompt_embeds"].shape
     pooled_dim = probe["pooled_prompt_embeds"].shape[-1]
     te = cfg.model.text_encoder
-    identity = {"type": te.type, "pretrained": te.pretrained or cfg.model.pretrained,
+    identity = {"type": text_encoder_type(cfg.model), "pretrained": te.pretrained or cfg.model.pretrained,
                 "max_sequence_length": te.max_sequence_length, "dtype": te.dtype or cfg.model.dtype,
                 "seq_len": seq_len, "seq_dim": seq_dim, "pooled_dim": pooled_dim}
     plans = {name: make_plan(tables[name], name, getattr(cfg.data, name), identity, cfg.data.shard_size)

@@ -8,7 +8,7 @@ The folder loads with ``ArcFluxPipeline.load_arcflow_adapter`` (see arcflow/pipe
 
 import argparse
 
-from arcflow.pipelines.commands import add_export_arguments, run_export
+from arcflow.inference.commands import add_export_arguments, run_export
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -23,12 +23,7 @@ import sys
 import torch
 import transformers
 
-from arcflow.teacher_training import (
-    TeacherRecipe,
-    finetune_decoder,
-    retrain_transformer,
-    train_demo_teacher,
-)
+from arcflow.demo.teacher_training import TeacherRecipe, finetune_decoder, retrain_transformer, train_demo_teacher
 
 
 def _overrides(items: list[str]) -> dict[str, object]:

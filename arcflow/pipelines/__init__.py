@@ -1,19 +1,22 @@
-"""Inference on diffusers: the ArcFlow student as a FLUX pipeline, loaded from an exported adapter.
+"""The ArcFlow diffusers pipelines of every registered family (``ArcFluxPipeline``, ...) and ``AdapterConfig``.
 
-Attributes are imported on first use, so the light command-line parts of this package
-(:mod:`arcflow.pipelines.commands`) do not pull in diffusers' pipelines.
+Attributes are resolved on first use through :mod:`arcflow.models`' registry, so importing
+this package costs nothing until a pipeline is asked for.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
-
-_LAZY = {"ArcFluxPipeline": "arcflow.pipelines.pipeline_arcflux", "AdapterConfig": "arcflow.pipelines.adapter"}
-__all__ = sorted(_LAZY)
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'arcflow.pipelines' has no attribute '{name}'")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    from arcflow.models import FAMILIES, get_family
+    from arcflow.models.adapter import AdapterConfig
+
+    if name == "AdapterConfig":
+        return AdapterConfig
+    for family in FAMILIES:
+        pipeline = get_family(family).pipeline
+        if pipeline.__name__ == name:
+            return pipeline
+    raise AttributeError(f"module 'arcflow.pipelines' has no attribute '{name}'")

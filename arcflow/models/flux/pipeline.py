@@ -1,116 +1,34 @@
 """ArcFluxPipeline: FLUX.1 with an ArcFlow student adapter, sampled in n >= 2 evaluations (SPEC §3).
 
-The student is made in place on the pipeline's own transformer: its LoRA is loaded by
-diffusers under the adapter name ``"arcflow"`` (so ``set_adapters`` can mix it with style
-LoRAs), and the teacher's ``norm_out``/``proj_out`` are put behind the same switch the
-trainer uses, next to the student's norm_out and ArcFlow heads. No second copy of FLUX
-exists, and :meth:`ArcFluxPipeline.unload_arcflow_adapter` gives the teacher back weight for
-weight. Without an adapter the pipeline is exactly ``FluxPipeline``.
+Loading and unloading the adapter is :class:`arcflow.models.adapter.ArcFlowAdapterMixin`;
+this file is FLUX's ``__call__`` for the student. Without an adapter the pipeline is exactly
+``FluxPipeline``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
-from huggingface_hub import hf_hub_download
-from safetensors import safe_open
-from safetensors.torch import load_file
 
-from arcflow.backbones.flux import ADAPTER_NAME, _Switch, pack, policy_from_tokens, unpack
-from arcflow.pipelines.adapter import (CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
-                                       student_output_layers)
-from arcflow.schedule import full_batch, segment_bounds, shifted_sigma
+from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
+from arcflow.models.adapter import ArcFlowAdapterMixin
+from arcflow.models.base import ADAPTER_NAME, pack, policy_from_tokens, unpack
 
 TEACHER_DEFAULT_STEPS = 28
 """FluxPipeline's default, used when no adapter is loaded."""
 
 
-def adapter_file(path_or_hub_id: str | Path, filename: str, subfolder: str | None = None) -> Path:
-    """One file of an adapter folder, local or on the Hugging Face Hub."""
-    local = Path(path_or_hub_id, subfolder or "")
-    if local.is_dir():
-        if not (local / filename).is_file():
-            raise FileNotFoundError(f"ArcFlow adapter folder '{local}' has no {filename}")
-        return local / filename
-    if Path(path_or_hub_id).exists():
-        raise NotADirectoryError(f"ArcFlow adapter '{path_or_hub_id}' must be a folder (made by `arcflow export`)")
-    try:
-        return Path(hf_hub_download(str(path_or_hub_id), filename, subfolder=subfolder))
-    except (OSError, ValueError) as err:  # hub errors are OSErrors; a malformed repo id a ValueError
-        raise FileNotFoundError(f"cannot find {filename} of ArcFlow adapter '{path_or_hub_id}' "
-                                f"(no such folder, and the hub says: {err})") from None
-
-
-def _check_lora_rank(path: Path, rank: int) -> None:
-    """The LoRA file must agree with the adapter config (read from the header, not the tensors)."""
-    with safe_open(str(path), framework="pt") as f:
-        ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if ".lora_A." in key}
-    if ranks != {rank}:
-        raise ValueError(f"'{path}' has LoRA rank {sorted(ranks)}, but {CONFIG_FILE} says lora_rank={rank}")
-
-
-class ArcFluxPipeline(FluxPipeline):
+class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
     """FLUX.1 text-to-image in ``num_inference_steps`` ArcFlow student evaluations (2 by default).
 
     >>> pipe = ArcFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16)
     >>> pipe.load_arcflow_adapter("path/to/adapter")
     >>> image = pipe("a cat", num_inference_steps=2).images[0]
     """
-
-    arcflow_config: AdapterConfig | None = None
-    """The loaded adapter's settings; None while the transformer is the plain teacher."""
-
-    def load_arcflow_adapter(self, path_or_hub_id: str | Path, subfolder: str | None = None) -> AdapterConfig:
-        """Turn the transformer into the student in place, from an ``arcflow export`` folder or hub repo."""
-        if self.arcflow_config is not None:
-            raise ValueError("an ArcFlow adapter is already loaded; call unload_arcflow_adapter() first")
-        config = AdapterConfig.load(adapter_file(path_or_hub_id, CONFIG_FILE, subfolder))
-        heads_path = adapter_file(path_or_hub_id, HEADS_FILE, subfolder)
-        lora_path = adapter_file(path_or_hub_id, LORA_FILE, subfolder)
-        _check_lora_rank(lora_path, config.lora_rank)
-        transformer = self.transformer
-        layers = student_output_layers(transformer, config.num_modes)
-        tensors = load_file(heads_path)
-        check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
-                     {k: tuple(v.shape) for k, v in layers.state_dict().items()},
-                     f"'{heads_path}' (K={config.num_modes}, base '{config.base_model}') does not fit this transformer")
-        layers.load_state_dict(tensors)
-        teacher_weight = transformer.proj_out.weight
-        layers.to(device=teacher_weight.device, dtype=teacher_weight.dtype)
-
-        # The transformer's own loader (not load_lora_weights): the file holds no text-encoder LoRA.
-        transformer.load_lora_adapter(str(lora_path), prefix="transformer", adapter_name=ADAPTER_NAME,
-                                      use_safetensors=True, low_cpu_mem_usage=True, _pipeline=self)
-        for name, student in (("norm_out", layers["norm_out"]), ("proj_out", layers["heads"])):
-            switch = _Switch(getattr(transformer, name), student)
-            switch.use_student = True
-            setattr(transformer, name, switch)
-        self.arcflow_config = config
-        return config
-
-    def unload_arcflow_adapter(self) -> None:
-        """Give back the plain teacher: original output layers, the "arcflow" LoRA removed."""
-        if self.arcflow_config is None:
-            raise ValueError("no ArcFlow adapter is loaded")
-        transformer = self.transformer
-        transformer.norm_out = transformer.norm_out.teacher
-        transformer.proj_out = transformer.proj_out.teacher
-        transformer.delete_adapters(ADAPTER_NAME)
-        if not getattr(transformer, "peft_config", None):
-            transformer.unload_lora()  # no other LoRA left: drop peft's wrappers too, restoring the module tree
-        self.arcflow_config = None
-
-    def save_pretrained(self, *args: Any, **kwargs: Any) -> None:
-        """Refused while an adapter is loaded: the transformer then holds the student's extra layers."""
-        if self.arcflow_config is not None:
-            raise ValueError("call unload_arcflow_adapter() before save_pretrained(); the student is shipped as "
-                             "its adapter folder (arcflow export), not as a saved pipeline")
-        super().save_pretrained(*args, **kwargs)
 
     @torch.no_grad()
     def __call__(

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from arcflow.policy import ArcFlowPolicy
-from arcflow.schedule import shifted_sigma
+from arcflow.method.policy import ArcFlowPolicy
+from arcflow.method.schedule import shifted_sigma
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 """(x, sigma (B,)) -> velocity, the frozen teacher on fixed conditioning."""

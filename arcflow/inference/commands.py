@@ -27,7 +27,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_export(args: argparse.Namespace) -> Path:
     from arcflow.config import load_config
-    from arcflow.export import export_adapter
+    from arcflow.inference.export import export_adapter
 
     cfg = load_config(args.config, dict(args.cfg_options or {}))
     out = export_adapter(cfg, args.ckpt, args.out_dir, args.dtype)
@@ -102,7 +102,7 @@ def _prompts(args: argparse.Namespace) -> list[Prompt]:
 
 
 def run_generate(args: argparse.Namespace) -> Path:
-    from arcflow.pipelines.generate import generate_grid
+    from arcflow.inference.generate import generate_grid
 
     if args.num_images < 1:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")

@@ -2,7 +2,7 @@
 
 The trainer uses :func:`build_train_data` (this rank's batches, one image size each, and their
 text conditioning; the position is part of the checkpoint) and :func:`build_val_data` (fixed
-validation prompts and an ``encode`` function for :class:`arcflow.evaluation.Validator`).
+validation prompts and an ``encode`` function for :class:`arcflow.training.validation.Validator`).
 
 Where the conditioning comes from is decided once per run by :func:`embedding_source`:
 
@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from arcflow.config import PromptsConfig, RunConfig, torch_dtype
-from arcflow.embedding_cache import SPLITS, CachedSplit, cache_status, split_dir
-from arcflow.prompt_sources import Prompt, PromptTable, load_prompt_table, source_identity
+from arcflow.data.embedding_cache import SPLITS, CachedSplit, cache_status, split_dir
+from arcflow.data.prompt_sources import Prompt, PromptTable, load_prompt_table, source_identity
+from arcflow.models import build_text_encoder, text_encoder_type
 
 __all__ = ["Prompt", "BucketBatchSampler", "TrainData", "ValData", "build_train_data",
            "build_val_data", "embedding_source", "read_prompts"]
@@ -140,9 +141,10 @@ def _check_cache_matches(cfg: RunConfig) -> None:
     encoder = cfg.model.text_encoder
     built = CachedSplit.read_manifest(split_dir(cfg.data.data_root, "train"))["encoder"]
     if encoder is not None:
-        for key in ("type", "max_sequence_length"):
-            if built.get(key) != getattr(encoder, key):
-                problems.append(f"model.text_encoder.{key}: cache {built.get(key)!r}, config {getattr(encoder, key)!r}")
+        configured = {"type": text_encoder_type(cfg.model), "max_sequence_length": encoder.max_sequence_length}
+        for key, value in configured.items():
+            if built.get(key) != value:
+                problems.append(f"model.text_encoder.{key}: cache {built.get(key)!r}, config {value!r}")
     if problems:
         raise ValueError(f"the prompt-embedding cache under {cfg.data.data_root} does not match the config: "
                          f"{'; '.join(problems)}. Rebuild it ({CACHE_TOOL}; remove the split folder first), "
@@ -169,15 +171,12 @@ def embedding_source(cfg: RunConfig) -> str:
                                 f"(re)run {CACHE_TOOL} to finish it, or set data.cache='never' to embed on the fly")
     if cfg.model.text_encoder is None:
         raise FileNotFoundError(f"no prompt-embedding cache {where} and no model.text_encoder: build the cache "
-                                f"({CACHE_TOOL}), or add text_encoder=dict(type='PretrainedFluxTextEncoder') to model "
-                                "in the config to embed prompts on the fly")
+                                f"({CACHE_TOOL}), or add text_encoder=dict(type='{text_encoder_type(cfg.model)}') to "
+                                "model in the config to embed prompts on the fly")
     return "encoder"
 
 
 def _build_encoder(cfg: RunConfig, device: torch.device) -> nn.Module:
-    # Imported here: transformers is heavy, and reading the cache never needs it.
-    from arcflow.text_encoders import build_text_encoder
-
     return build_text_encoder(cfg.model).to(device)
 
 
@@ -235,7 +234,7 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
 
         def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
             return encode([p.text for p in prompts])
-        where = f"text encoder {(cfg.model.text_encoder and cfg.model.text_encoder.type) or 'default'} (on the fly)"
+        where = f"text encoder {text_encoder_type(cfg.model)} (on the fly)"
     table = _sized(table, split)
     buckets = np.tile(bucket_ids(table.heights, table.widths), split.repeat)
     sampler = BucketBatchSampler(buckets, cfg.train_cfg.batch_size, seed, rank, world_size)

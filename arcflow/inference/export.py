@@ -3,7 +3,7 @@
     python tools/export_arcflow_to_diffusers.py CONFIG --ckpt CKPT --out-dir DIR [--dtype bfloat16]
     arcflow export CONFIG --ckpt CKPT --out-dir DIR
 
-The folder layout is described in :mod:`arcflow.pipelines.adapter`. Before anything is
+The folder layout is described in :mod:`arcflow.models.adapter`. Before anything is
 written, the checkpoint's EMA tensors are checked name by name and shape by shape against
 the student the config describes (its base transformer's architecture, K, LoRA rank), so
 a checkpoint of another run or a partial one fails here and not at sampling time.
@@ -19,18 +19,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import FluxTransformer2DModel
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from arcflow import checkpoint as ckpt
-from arcflow.backbones.flux import ADAPTER_NAME, LORA_TARGETS, PATCH
 from arcflow.config import RunConfig
-from arcflow.pipelines.adapter import (CONFIG_FILE, DTYPES, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
-                                       lora_metadata, student_output_layers)
+from arcflow.models import Family, get_family
+from arcflow.models.adapter import (CONFIG_FILE, DTYPES, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
+                                    lora_metadata)
+from arcflow.models.base import ADAPTER_NAME, PATCH, student_output_layers
+from arcflow.training import checkpoint as ckpt
 
 EMA_GROUP = "ema."
 """The trainer saves the EMA shadow under this group of its DCP checkpoint."""
@@ -44,9 +44,9 @@ Exported from training iteration {iteration} (EMA weights). Load it on the base 
 
 ```python
 import torch
-from arcflow.pipelines import ArcFluxPipeline
+from arcflow.pipelines import {pipeline}
 
-pipe = ArcFluxPipeline.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
+pipe = {pipeline}.from_pretrained("{base}", dtype=torch.bfloat16).to("cuda")
 pipe.load_arcflow_adapter("path/to/this/folder")
 image = pipe("a prompt", num_inference_steps={nfe}).images[0]
 ```
@@ -56,22 +56,24 @@ output heads and norm_out), `{config}` (K = {k} modes, shift {shift}, guidance {
 """
 
 
-def base_transformer_on_meta(pretrained: str) -> nn.Module:
+def base_transformer_on_meta(pretrained: str, family: Family) -> nn.Module:
     """The base model's transformer architecture without weights: only its config.json is read."""
+    transformer_class = family.backbone.transformer_class
     try:
-        config = FluxTransformer2DModel.load_config(pretrained, subfolder="transformer")
+        config = transformer_class.load_config(pretrained, subfolder="transformer")
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot read the transformer config of model.pretrained='{pretrained}' "
                                 f"(needed to check the checkpoint against it): {err}") from None
     with torch.device("meta"):
-        return FluxTransformer2DModel.from_config(config)
+        return transformer_class.from_config(config)
 
 
-def student_ema_shapes(transformer: nn.Module, num_modes: int, lora_rank: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the trainable parameters FluxBackbone makes on ``transformer``."""
+def student_ema_shapes(transformer: nn.Module, num_modes: int, lora_rank: int,
+                       lora_targets: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the trainable parameters a TransformerBackbone makes on ``transformer``."""
     shapes: dict[str, tuple[int, ...]] = {}
     for name, module in transformer.named_modules():
-        if re.fullmatch(LORA_TARGETS, name):  # peft's rule for a string target_modules
+        if re.fullmatch(lora_targets, name):  # peft's rule for a string target_modules
             shapes[f"transformer.{name}.lora_A.{ADAPTER_NAME}.weight"] = (lora_rank, module.in_features)
             shapes[f"transformer.{name}.lora_B.{ADAPTER_NAME}.weight"] = (module.out_features, lora_rank)
     for key, tensor in student_output_layers(transformer, num_modes).state_dict().items():
@@ -108,14 +110,13 @@ def _check_against_config(found: dict[str, tuple[int, ...]], expected: dict[str,
 
 def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, Tensor], int]:
     """The EMA weights of the checkpoint (or a run dir's latest), checked against ``cfg``."""
-    if cfg.model.backbone != "flux":
-        raise ValueError(f"config key 'model.backbone': export supports 'flux', got {cfg.model.backbone!r}")
+    family = get_family(cfg.model.backbone)
     if cfg.model.lora_rank < 1:
         raise ValueError(f"config key 'model.lora_rank': export needs LoRA adapters, got {cfg.model.lora_rank}")
     path = ckpt.resolve_checkpoint(checkpoint)
     found = _checkpoint_ema_shapes(path)
-    expected = student_ema_shapes(base_transformer_on_meta(cfg.model.pretrained), cfg.model.num_modes,
-                                  cfg.model.lora_rank)
+    expected = student_ema_shapes(base_transformer_on_meta(cfg.model.pretrained, family), cfg.model.num_modes,
+                                  cfg.model.lora_rank, family.backbone.lora_targets)
     _check_against_config({key: shape for key, (shape, _) in found.items()}, expected, cfg, path)
     ema = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in found.items()}
     with warnings.catch_warnings():  # DCP notes that it runs without a process group: intended here
@@ -161,7 +162,7 @@ def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str,
         (staging / "README.md").write_text(_MODEL_CARD.format(
             nfe=config.nfe, base=config.base_model, iteration=config.iteration, lora=LORA_FILE, heads=HEADS_FILE,
             config=CONFIG_FILE, adapter=ADAPTER_NAME, k=config.num_modes, shift=config.shift,
-            guidance=config.guidance), encoding="utf-8")
+            guidance=config.guidance, pipeline=get_family(config.family).pipeline.__name__), encoding="utf-8")
         staging.chmod(0o755)
         old = None
         if out.exists():
@@ -186,5 +187,5 @@ def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, 
         base_model=model.pretrained, num_modes=model.num_modes, shift=distill.shift, nfe=distill.nfe,
         timestep_ratio=distill.timestep_ratio, total_substeps=distill.total_substeps, guidance=model.guidance,
         lora_rank=model.lora_rank, lora_alpha=float(model.lora_alpha), lora_dropout=model.lora_dropout,
-        dtype=dtype, iteration=iteration)
+        dtype=dtype, iteration=iteration, family=model.backbone)
     return write_adapter(out_dir, lora, heads, config)

@@ -1,8 +1,8 @@
 """The ArcFlow trainer: one visible loop — resume, train_step, log, save, validate.
 
-The method itself lives in :mod:`arcflow.rollout` (the imitation loss) and
-:mod:`arcflow.policy` (the closed-form policy); the model family behind
-:class:`arcflow.backbones.Backbone`; data parallelism in :func:`arcflow.parallel.parallelize`.
+The method itself lives in :mod:`arcflow.method.rollout` (the imitation loss) and
+:mod:`arcflow.method.policy` (the closed-form policy); the model family behind
+:class:`arcflow.models.Backbone`; data parallelism in :func:`arcflow.training.parallel.parallelize`.
 This file wires them to data, optimizer, EMA, checkpoints and logs.
 
 All randomness of an iteration is a function of (seed, iteration, global sample index):
@@ -28,17 +28,17 @@ from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from arcflow import checkpoint as ckpt
-from arcflow.backbones import build_backbone
-from arcflow.backbones.base import Backbone, Conditioning
 from arcflow.config import RunConfig, torch_dtype
-from arcflow.data import build_train_data, build_val_data
+from arcflow.data.batches import build_train_data, build_val_data
 from arcflow.distributed import DistEnv, StopSignal
-from arcflow.evaluation import Validator
-from arcflow.optim import EMA, build_optimizer, set_lr
-from arcflow.parallel import gradient_sync, parallelize, shard_text_encoder
-from arcflow.rollout import RolloutConfig, RolloutNoise, segment_loss
-from arcflow.schedule import full_batch, segment_bounds, shifted_sigma, teacher_ratio
+from arcflow.method.rollout import RolloutConfig, RolloutNoise, segment_loss
+from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma, teacher_ratio
+from arcflow.models import build_backbone
+from arcflow.models.base import Backbone, Conditioning
+from arcflow.training import checkpoint as ckpt
+from arcflow.training.optim import EMA, build_optimizer, set_lr
+from arcflow.training.parallel import gradient_sync, parallelize, shard_text_encoder
+from arcflow.training.validation import Validator
 
 log = logging.getLogger("arcflow")
 

@@ -13,40 +13,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from PIL import Image
 from torch import Tensor, nn
 
-from arcflow.backbones.base import Backbone, Conditioning
 from arcflow.config import DistillConfig, ValConfig
-from arcflow.data import Prompt
-from arcflow.sampling import sample_student, sample_teacher
+from arcflow.data.batches import Prompt
+from arcflow.images import psnr, save_grid
+from arcflow.method.sampling import sample_student, sample_teacher
+from arcflow.models.base import Backbone, Conditioning
 
 EncodeFn = Callable[[list[str]], Conditioning]
-
-
-def psnr(images: Tensor, reference: Tensor) -> Tensor:
-    """Per-image PSNR in dB of images in [0, 1]: (B,)."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
-
-
-def to_pil(image: Tensor) -> Image.Image:
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
-
-
-def save_grid(rows: list[list[Tensor]], path: Path, pad: int = 2) -> None:
-    """Rows of (3, H, W) images in [0, 1], left to right, as one PNG (written atomically)."""
-    cell_h = max(img.shape[1] for row in rows for img in row)
-    cell_w = max(img.shape[2] for row in rows for img in row)
-    cols = max(len(row) for row in rows)
-    grid = Image.new("RGB", (cols * (cell_w + pad) + pad, len(rows) * (cell_h + pad) + pad), "white")
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            grid.paste(to_pil(img), (pad + c * (cell_w + pad), pad + r * (cell_h + pad)))
-    tmp = path.with_name(path.name + ".tmp")
-    grid.save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 def fixed_noise(prompts: list[Prompt], backbone: Backbone, seed: int) -> list[Tensor]:

@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from arcflow.evaluation import save_grid
-from arcflow.pipelines.commands import Prompt
-from arcflow.pipelines.pipeline_arcflux import ArcFluxPipeline
+from arcflow.images import save_grid
+from arcflow.inference.commands import Prompt
+from arcflow.models import get_family
+from arcflow.models.adapter import CONFIG_FILE, AdapterConfig, adapter_file
 
 
 @torch.no_grad()
@@ -25,7 +26,8 @@ def generate_grid(base: str, adapter: str, prompts: list[Prompt], out: str | Pat
     """Load ``base`` + ``adapter``, sample every prompt ``num_images`` times, write the grid to ``out``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    pipe = ArcFluxPipeline.from_pretrained(base, dtype=torch_dtype)
+    family = get_family(AdapterConfig.load(adapter_file(adapter, CONFIG_FILE)).family)
+    pipe = family.pipeline.from_pretrained(base, dtype=torch_dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

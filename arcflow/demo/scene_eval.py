@@ -2,7 +2,7 @@
 
 Every sampler starts from the same noises and captions and is compared with the teacher's
 128-step Euler samples (latent MSE, image PSNR), and its images are read back by the scene
-detector (:mod:`arcflow.synthetic`) to check that they follow the caption.
+detector (:mod:`arcflow.demo.synthetic`) to check that they follow the caption.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from arcflow import synthetic
-from arcflow.backbones.base import Backbone
-from arcflow.evaluation import psnr
-from arcflow.sampling import sample_student, sample_teacher
-from arcflow.teacher_training import EVAL_SEED
+from arcflow.demo import synthetic
+from arcflow.demo.teacher_training import EVAL_SEED
+from arcflow.images import psnr
+from arcflow.method.sampling import sample_student, sample_teacher
+from arcflow.models.base import Backbone
 
 NOISE_SEED = 1234
 REFERENCE_STEPS = 128

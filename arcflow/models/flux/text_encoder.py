@@ -12,7 +12,7 @@ import os
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from arcflow.config import ModelConfig, TextEncoderConfig, torch_dtype
+from arcflow.config import torch_dtype
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -91,17 +91,3 @@ class PretrainedFluxTextEncoder(torch.nn.Module):
             "prompt_embeds": sequence.to(device=self.device, dtype=self.t5.dtype),
             "pooled_prompt_embeds": pooled.to(device=self.device, dtype=self.clip.dtype),
         }
-
-
-TEXT_ENCODERS = {"PretrainedFluxTextEncoder": PretrainedFluxTextEncoder}
-
-
-def build_text_encoder(model: ModelConfig) -> torch.nn.Module:
-    """The configured text encoder; by default from the same hub id or folder as the model."""
-    cfg = model.text_encoder or TextEncoderConfig()
-    if cfg.type not in TEXT_ENCODERS:
-        raise ValueError(f"config key 'model.text_encoder.type': unknown {cfg.type!r}; "
-                         f"expected one of {sorted(TEXT_ENCODERS)}")
-    return TEXT_ENCODERS[cfg.type](pretrained=cfg.pretrained or model.pretrained,
-                                   max_sequence_length=cfg.max_sequence_length,
-                                   torch_dtype=cfg.dtype or model.dtype)

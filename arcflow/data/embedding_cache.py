@@ -40,8 +40,8 @@ import torch
 from torch import Tensor
 
 from arcflow.config import PromptsConfig
+from arcflow.data.prompt_sources import PromptTable, source_identity
 from arcflow.distributed import DistEnv
-from arcflow.prompt_sources import PromptTable, source_identity
 
 FORMAT = "arcflow-prompt-cache/1"
 SPLITS = ("train", "val")

@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from arcflow import checkpoint as ckpt
-from arcflow.backbones import build_backbone
 from arcflow.config import RunConfig, torch_dtype
-from arcflow.evaluation import save_grid
-from arcflow.sampling import sample_student
-from arcflow.text_encoders import build_text_encoder
+from arcflow.images import save_grid
+from arcflow.method.sampling import sample_student
+from arcflow.models import build_backbone, build_text_encoder
+from arcflow.training import checkpoint as ckpt
 
 
 def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.device):

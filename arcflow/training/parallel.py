@@ -16,8 +16,8 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from arcflow.backbones.base import Backbone
 from arcflow.distributed import DistEnv
+from arcflow.models.base import Backbone
 
 PARALLEL_MODES = ("ddp", "fsdp")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-# Every word of a caption is a whole word of the tiny FLUX tokenizers (arcflow.tiny_flux),
+# Every word of a caption is a whole word of the tiny FLUX tokenizers (arcflow.models.flux.tiny),
 # except "bottom" and "background", which they spell in sub-words.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

@@ -2,7 +2,7 @@
 
 Distillation can only be judged on a teacher whose trajectories carry something to learn,
 so the demo ships one trained here: the tiny frozen CLIP/T5 (and tokenizers) of
-:mod:`arcflow.tiny_flux`, a 16-channel 8x-downsampling ``AutoencoderKL`` trained on the
+:mod:`arcflow.models.flux.tiny`, a 16-channel 8x-downsampling ``AutoencoderKL`` trained on the
 rendered scenes, and a ``FluxTransformer2DModel`` trained by rectified flow matching on its
 latents and then guidance-distilled (like FLUX.1-dev), all written as a ``FluxPipeline`` folder.
 """
@@ -24,11 +24,12 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import Tensor
 
-from arcflow.backbones.flux import latent_image_ids, pack, unpack
-from arcflow.schedule import shifted_sigma
-from arcflow.synthetic import accuracies, make_scene, scene_batch
-from arcflow.text_encoders import PretrainedFluxTextEncoder
-from arcflow.tiny_flux import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
+from arcflow.demo.synthetic import accuracies, make_scene, scene_batch
+from arcflow.method.schedule import shifted_sigma
+from arcflow.models.base import pack, unpack
+from arcflow.models.flux.backbone import latent_image_ids
+from arcflow.models.flux.text_encoder import PretrainedFluxTextEncoder
+from arcflow.models.flux.tiny import CLIP_HIDDEN_SIZE, T5_D_MODEL, make_tiny_flux
 
 # The text side is reused unchanged from the tiny random FLUX (its tokenizers know every
 # content word of the captions); only the VAE and the transformer are trained.

@@ -6,11 +6,15 @@ directly comparable (validation, export checks, the pipeline equivalence test).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from arcflow.backbones.base import Backbone, Conditioning
-from arcflow.schedule import full_batch, segment_bounds, shifted_sigma
+from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
+
+if TYPE_CHECKING:  # the interface is defined one layer up, in arcflow.models
+    from arcflow.models.base import Backbone, Conditioning
 
 
 def euler_sigmas(num_steps: int, shift: float) -> list[float]:

@@ -1,0 +1,1 @@
+"""After training: export to a diffusers adapter, sampling from checkpoints, generating with the pipelines."""

@@ -1,0 +1,1 @@
+"""Training: the trainer loop, checkpoints, optimizer/EMA, parallelism and validation."""
