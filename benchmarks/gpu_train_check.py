@@ -29,6 +29,7 @@ from torch import nn
 from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import DistEnv
 from arcflow.models.flux.backbone import FluxBackbone
+from arcflow.models.flux.text_encoder import PretrainedFluxTextEncoder
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -45,6 +46,8 @@ SCENARIOS = [  # name, parallel, batch, micro-batch
 
 class RandomTextEncoder(nn.Module):
     """CLIP-pooled and T5-sequence embeddings of the real shapes; the check measures the transformer."""
+
+    schema = PretrainedFluxTextEncoder.schema
 
     def __init__(self, dtype: torch.dtype):
         super().__init__()

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from arcflow.config import PromptsConfig, load_config
-from arcflow.data.batches import BucketBatchSampler, embedding_source, read_prompts
+from arcflow.data.batches import _encode_with, embedding_source, read_prompts
+from arcflow.data.sampler import BucketBatchSampler
+from arcflow.models.base import ConditioningSchema
 
 DEMO = Path(__file__).resolve().parents[1] / "configs/demo/arcflux_tiny_2nfe.py"
 BUCKETS = np.array([0] * 11 + [1] * 7 + [2] * 2 + [3] * 5)  # 25 items; bucket 2 is smaller than a batch
@@ -123,3 +126,42 @@ def test_data_config_errors_name_the_key():
     assert (cfg.data.train.source, cfg.data.val.source) == ("other.jsonl", "old.jsonl")  # prompt_file: older name
     with pytest.raises(ValueError, match="data.train.prompt_file"):
         load_config(DEMO, {"data.train.source": "a.jsonl", "data.train.prompt_file": "b.jsonl"})
+
+
+class _MaskedEncoder:
+    """A family-neutral stand-in: variable-length rows with a mask, and a negative prompt."""
+
+    schema = ConditioningSchema(sequences={"prompt_embeds": "prompt_embeds_mask"}, negative_prompt="")
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        self.calls.append(list(prompts))
+        lengths = [max(len(p.split()), 1) for p in prompts]
+        longest = max(lengths)
+        mask = torch.tensor([[1] * n + [0] * (longest - n) for n in lengths])
+        embeds = torch.arange(len(prompts) * longest * 3, dtype=torch.float64).reshape(len(prompts), longest, 3)
+        return {"prompt_embeds": embeds * mask[..., None], "prompt_embeds_mask": mask}
+
+
+def test_on_the_fly_conditioning_carries_the_negative_prompt_once_embedded():
+    encoder = _MaskedEncoder()
+    encode = _encode_with(encoder, torch.device("cpu"), torch.float32)
+    first = encode(["a red circle", "two"])
+    second = encode(["three blue squares at the top"])
+    assert encoder.calls == [["a red circle", "two"], [""], ["three blue squares at the top"]]  # "" embedded once
+    assert first["prompt_embeds"].dtype == torch.float32 and first["prompt_embeds_mask"].dtype == torch.int64
+    assert first["negative_prompt_embeds"].shape == (2, 1, 3) and second["negative_prompt_embeds"].shape == (1, 1, 3)
+    torch.testing.assert_close(first["negative_prompt_embeds"][1], second["negative_prompt_embeds"][0])
+    assert first["negative_prompt_embeds_mask"].tolist() == [[1], [1]]
+
+
+def test_a_schema_without_negative_prompt_adds_nothing():
+    class Plain(_MaskedEncoder):
+        schema = ConditioningSchema(sequences={"prompt_embeds": "prompt_embeds_mask"})
+
+    encoder = Plain()
+    assert set(_encode_with(encoder, torch.device("cpu"), torch.float32)(["x"])) == {"prompt_embeds",
+                                                                                      "prompt_embeds_mask"}
+    assert encoder.calls == [["x"]]

@@ -275,6 +275,29 @@ class TransformerBackbone(Backbone):
         return policy_from_tokens(tokens, self.num_modes, x.shape[2], x.shape[3], sigma)
 
 
+# -- what a text encoder returns --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ConditioningSchema:
+    """What a family's text encoder puts in a :data:`Conditioning`, so data and cache need not know it.
+
+    ``sequences`` maps each (B, L, D) key to the key of its (B, L) attention mask, or to None when
+    every position counts (FLUX's T5 runs unmasked: its outputs at pad positions depend on the
+    prompt). ``vectors`` are (B, D) keys. ``negative_prompt`` is the prompt of the teacher's
+    unconditional branch (true CFG), or None for a family without one; its conditioning reaches
+    the backbone in every batch as ``negative_<key>`` entries.
+    """
+
+    sequences: dict[str, str | None]
+    vectors: tuple[str, ...] = ()
+    negative_prompt: str | None = None
+
+    def with_negative(self, cond: Conditioning, negative: Conditioning) -> Conditioning:
+        """``cond`` plus the (batch-1) ``negative`` conditioning broadcast to its batch as ``negative_*``."""
+        batch = next(iter(cond.values())).shape[0]
+        extra = {f"negative_{key}": value.expand(batch, *value.shape[1:]) for key, value in negative.items()}
+        return {**cond, **extra}
+
+
 # -- what a family registers ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Family:

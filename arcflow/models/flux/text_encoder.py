@@ -13,6 +13,7 @@ import torch
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from arcflow.config import torch_dtype
+from arcflow.models.base import ConditioningSchema
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -28,6 +29,8 @@ class PretrainedFluxTextEncoder(torch.nn.Module):
     output.  The encoders never train, so the module stays in eval mode even under ``.train()``
     (T5 has dropout) and its parameters do not require gradients.
     """
+
+    schema = ConditioningSchema(sequences={"prompt_embeds": None}, vectors=("pooled_prompt_embeds",))
 
     def __init__(
         self,
