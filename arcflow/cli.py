@@ -1,9 +1,10 @@
-"""Command line: ``arcflow {train,sample,export,generate,cache,tiny,demo}``; ``tools/*.py`` call into here."""
+"""Command line: ``arcflow {train,sample,export,generate,eval,cache,tiny,demo}``; ``tools/*.py`` call into here."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -110,6 +111,58 @@ def scene_table(cfg: RunConfig) -> str:
     return markdown_table(rows, f"{DEMO_SCENES} scenes; benchmarks/distill_table.py gives the full table")
 
 
+EVAL_OPTIONS = {"prompts": "eval_cfg.prompts", "num_prompts": "eval_cfg.num_prompts",
+                "teacher_steps": "eval_cfg.teacher_steps", "real_images": "eval_cfg.real_images",
+                "seed": "eval_cfg.seed", "batch_size": "eval_cfg.batch_size"}
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="the run config of the student (its model, sampler and eval_cfg)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="a training checkpoint, or a run dir (its latest): the EMA student")
+    what.add_argument("--adapter", help="an exported adapter folder (arcflow export)")
+    what.add_argument("--baseline-steps", type=int, help="evaluate the teacher's own N-step Euler sampler instead")
+    parser.add_argument("--prompts", help="prompt set: hub dataset id or local file (default: eval_cfg.prompts)")
+    parser.add_argument("--num-prompts", type=int, help="the first N prompts of the set")
+    parser.add_argument("--nfe", type=int, help="student evaluations per image (default: the student's)")
+    parser.add_argument("--teacher-steps", type=int, help="steps of the teacher's reference sampler (default: 50)")
+    parser.add_argument("--real-images", help="folder of real images or .npz of Inception mu/sigma, for fid_real")
+    parser.add_argument("--seed", type=int, help="noise seed (default: eval_cfg.seed)")
+    parser.add_argument("--batch-size", type=int, help="images per generator forward")
+    parser.add_argument("--download-weights", action="store_true",
+                        help="let the metric libraries download weights this machine lacks")
+    parser.add_argument("--work-dir", help="default: work_dirs/{config name}/eval_{sampler}")
+    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="'pytorch': started by torchrun")
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
+                        help="override config keys, e.g. eval_cfg.clip_model=ViT-B-32")
+
+
+@record
+def run_eval(args: argparse.Namespace) -> dict | None:
+    """Evaluate a student (or a teacher baseline) with the protocol of arcflow.evaluation on every rank."""
+    from arcflow.evaluation.protocol import evaluate, plan_candidate
+
+    options = dict(args.cfg_options or {})
+    options.update({key: getattr(args, name) for name, key in EVAL_OPTIONS.items() if getattr(args, name) is not None})
+    if args.download_weights:
+        options["eval_cfg.download_weights"] = True
+    cfg = load_config(args.config, options)
+    env = init_distributed(args.launcher)
+    try:
+        candidate, load = plan_candidate(cfg, env.device, ckpt=args.ckpt, adapter=args.adapter,
+                                         baseline_steps=args.baseline_steps, nfe=args.nfe)
+        work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name / f"eval_{candidate.name}")
+        result = evaluate(cfg, env, candidate, load, work_dir, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    except BaseException as err:
+        if isinstance(err, Exception):
+            print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+        destroy_distributed(graceful=False)
+        raise
+    destroy_distributed()
+    return result
+
+
 def run_cache(args: argparse.Namespace) -> None:
     """``arcflow cache verify CONFIG``: check every shard of the config's cache against its manifest."""
     from arcflow.data.embedding_cache import verify_cache
@@ -177,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     generate = commands.add_parser("generate", help="generate with an exported adapter on its base model")
     add_generate_arguments(generate)
     generate.set_defaults(func=run_generate)
+
+    evaluation = commands.add_parser("eval", help="score a student against its teacher: FID-T, pFID, CLIP, "
+                                     "HPSv2, LPIPS, alignment, throughput (metrics.json)")
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=run_eval)
 
     cache = commands.add_parser("cache", help="the prompt-embedding cache: 'verify CONFIG' checks every shard")
     cache.add_argument("action", choices=["verify"])

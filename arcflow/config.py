@@ -159,6 +159,10 @@ class DataConfig:
                 raise _error(f"data.{name}.max_size", f"must be >= 1 or None, got {split.max_size}")
 
 
+METRIC_GROUPS = ("alignment", "fid", "clip", "lpips", "hpsv2", "image_reward")
+"""Metric groups of arcflow.evaluation (alignment: latent MSE and PSNR; fid: FID-T, pFID-T, FID-real)."""
+
+
 @dataclass
 class ValConfig:
     num_prompts: int = 8
@@ -167,6 +171,76 @@ class ValConfig:
     nfe: tuple[int, ...] = (2,)
     seed: int = 0
     """Fixed validation noise, so images are comparable across iterations and runs."""
+    metrics: tuple[str, ...] = ()
+    """Evaluation metrics (``eval_cfg`` names, e.g. ``('fid', 'clip', 'lpips')``) of the student against the
+    teacher's ``teacher_steps`` samples, on the first ``metrics_num_prompts`` validation prompts; the
+    settings of each metric (weights, CLIP model) are ``eval_cfg``'s."""
+    metrics_num_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
+        if unknown:
+            raise _error("val_cfg.metrics", f"unknown {unknown}; expected some of {', '.join(METRIC_GROUPS)}")
+
+
+@dataclass
+class EvalConfig:
+    """``arcflow eval`` / ``tools/test.py``: the field's evaluation protocol (arcflow.evaluation)."""
+
+    prompts: str = "Lakonik/t2i-prompts-hpsv2"
+    """Hub dataset id or local file/folder (as ``data.source``); the HPSv2 set has 3,200 prompts."""
+    split: str = "train"
+    num_prompts: int | None = None
+    """The first N prompts of the set (None: all)."""
+    height: int = 1024
+    width: int = 1024
+    """Image size of prompts without height/width columns."""
+    seed: int = 0
+    """Noise seed: each prompt's noise is a function of (seed, prompt, size, occurrence), whatever the ranks."""
+    nfe: int | None = None
+    """Student evaluations per image (None: ``distill.nfe``)."""
+    teacher_steps: int | None = None
+    """Steps of the teacher's reference sampler (None: the family's, 50 for FLUX and Qwen-Image)."""
+    batch_size: int = 4
+    """Images generated per forward."""
+    feature_batch_size: int = 32
+    """Images per forward of the metric networks."""
+    teacher_store: str = "data/eval_teacher"
+    """Teacher images are made once per (model, sampler, size, noise seed) and reused from here."""
+    metrics: tuple[str, ...] = METRIC_GROUPS
+    """Which metric groups to compute; one that cannot be (no library, no weights) is reported unavailable."""
+    inception_weights: str = ""
+    """FID Inception (torch-fidelity's pt_inception-2015-12-05) file; empty: torch's hub cache."""
+    patch_size: int = 299
+    """Side of the native-resolution centre crop of patch-FID."""
+    real_images: str = ""
+    """Real images for fid_real: a folder of images, or an .npz of Inception statistics (mu, sigma)."""
+    clip_model: str = "ViT-L-14"
+    """open_clip model name, or a JSON model config file."""
+    clip_pretrained: str = "openai"
+    """open_clip pretrained tag, or a local weights file."""
+    lpips_net: str = "alex"
+    download_weights: bool = False
+    """Let the metric libraries download missing weights (off: only weights already on this machine count)."""
+    hooks: tuple[str, ...] = ()
+    """Extra per-image metrics, ``'module:function'`` (see arcflow.evaluation.metrics.HookMetric)."""
+    grid_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
+        if unknown:
+            raise _error("eval_cfg.metrics", f"unknown {unknown}; expected some of {', '.join(METRIC_GROUPS)}")
+        for key in ("batch_size", "feature_batch_size", "patch_size"):
+            if getattr(self, key) < 1:
+                raise _error(f"eval_cfg.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("height", "width"):
+            if getattr(self, key) <= 0 or getattr(self, key) % 16:
+                raise _error(f"eval_cfg.{key}", f"must be a positive multiple of 16, got {getattr(self, key)}")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise _error("eval_cfg.num_prompts", f"must be >= 1 or None, got {self.num_prompts}")
+        for hook in self.hooks:
+            if hook.count(":") != 1:
+                raise _error("eval_cfg.hooks", f"{hook!r} must be 'module:function'")
 
 
 @dataclass
@@ -185,6 +259,7 @@ class RunConfig:
     train_cfg: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     val_cfg: ValConfig = field(default_factory=ValConfig)
+    eval_cfg: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     name: str = ""
     work_dir: str = ""

@@ -77,6 +77,25 @@ class SceneBench:
         return self.score(name, nfe, lambda z, c: sample_student(student, z, c, nfe, self.shift, timestep_ratio))
 
 
+def held_out_captions(num_prompts: int) -> list[str]:
+    """Captions of the held-out scenes ``0..n-1`` (``assets/demo_teacher/eval_prompts.jsonl`` lists 256)."""
+    return [synthetic.make_scene(EVAL_SEED, index).caption for index in range(num_prompts)]
+
+
+def prompt_accuracy(prompts: list[str], images: Tensor) -> dict[str, Tensor]:
+    """Evaluation hook (``eval_cfg.hooks``): per image, does the detector read back what its caption says?
+
+    ``images`` are uint8 (B, 3, H, W); each value is 1.0 or 0.0, averaged by the evaluation.
+    """
+    scenes = [synthetic.parse_caption(prompt) for prompt in prompts]
+    found = [synthetic.detect(image) for image in images.permute(0, 2, 3, 1).numpy()]
+    out = {"prompt_accuracy": [synthetic.prompt_follows(scene, d) for scene, d in zip(scenes, found)]}
+    for scene, detection in zip(scenes, found):
+        for attribute, ok in synthetic.attribute_matches(scene, detection).items():
+            out.setdefault(f"{attribute}_accuracy", []).append(ok)
+    return {name: torch.tensor(values, dtype=torch.float64) for name, values in out.items()}
+
+
 def markdown_table(rows: list[dict[str, object]], where: str) -> str:
     """The rows as the Markdown table of ``docs/results`` and of ``arcflow demo``."""
     lines = [f"Against the teacher's {REFERENCE_STEPS}-step Euler samples on held-out scenes ({where}).", "",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,6 +200,25 @@ def detect(image: Image.Image | np.ndarray, threshold: float = 80.0) -> Detectio
         cx, cy = (cols.mean() + 0.5) / side, (rows.mean() + 0.5) / side
         position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
     return Detection(colour, _classify_shape(largest), count, position, background)
+
+
+_SINGLE = re.compile(rf"^a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)}) "
+                     rf"({'|'.join(POSITIONS)}) on a ({'|'.join(BACKGROUNDS)}) background$")
+_GROUP = re.compile(rf"^({'|'.join(COUNTS[n] for n in COUNTS if n > 1)}) (small) ({'|'.join(COLOURS)}) "
+                    rf"({'|'.join(SHAPES)})s on a ({'|'.join(BACKGROUNDS)}) background$")
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption describes (without the exact shape positions: ``centres`` is empty)."""
+    single, group = _SINGLE.match(caption), _GROUP.match(caption)
+    if single:
+        size, colour, shape, position, background = single.groups()
+        return Scene(colour, shape, size, 1, position, background, (), SIZES[size])
+    if group:
+        count_word, size, colour, shape, background = group.groups()
+        count = next(n for n, word in COUNTS.items() if word == count_word)
+        return Scene(colour, shape, size, count, None, background, (), _MULTI_RADIUS)
+    raise ValueError(f"not a synthetic scene caption: {caption!r}")
 
 
 def prompt_follows(scene: Scene, found: Detection) -> bool:

@@ -138,6 +138,22 @@ def split_student_state(ema: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict
     return lora, heads
 
 
+def join_student_state(lora: dict[str, Tensor], heads: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The inverse of :func:`split_student_state`: adapter files' keys -> backbone parameter names."""
+    joined = {}
+    for key, tensor in lora.items():
+        module, kind = key[len("transformer."):].rsplit(".", 2)[:2] if key.startswith("transformer.") else ("", "")
+        if kind not in ("lora_A", "lora_B") or not key.endswith(".weight"):
+            raise ValueError(f"unexpected LoRA key '{key}' (expected transformer.<module>.lora_[AB].weight)")
+        joined[f"transformer.{module}.{kind}.{ADAPTER_NAME}.weight"] = tensor
+    for key, tensor in heads.items():
+        group, rest = key.split(".", 1)
+        if group not in _STUDENT_PREFIXES:
+            raise ValueError(f"unexpected heads key '{key}' (expected {' or '.join(_STUDENT_PREFIXES)}.*)")
+        joined[_STUDENT_PREFIXES[group] + rest] = tensor
+    return joined
+
+
 def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str, Tensor],
                   config: AdapterConfig) -> Path:
     """Write the adapter folder atomically: built under a hidden name, then renamed into place.

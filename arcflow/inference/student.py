@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from arcflow.config import RunConfig, torch_dtype
 from arcflow.images import save_grid
+from arcflow.inference.export import join_student_state
 from arcflow.method.sampling import sample_student
 from arcflow.models import build_backbone, build_text_encoder
+from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, adapter_file, check_shapes
 from arcflow.training import checkpoint as ckpt
 
 
@@ -27,6 +31,34 @@ def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.devic
     text_encoder = build_text_encoder(cfg.model).to(device)
     vae = backbone.load_vae(cfg.model.pretrained, torch_dtype(cfg.model.dtype)).to(device)
     return backbone, text_encoder, vae
+
+
+def load_adapter_student(cfg: RunConfig, adapter: str | Path, device: torch.device):
+    """The backbone of ``cfg.model`` with an exported adapter's weights as its student, plus text encoder and VAE.
+
+    The adapter's K, LoRA rank and alpha replace the config's; its shift, NFE and timestep ratio
+    are returned in its :class:`AdapterConfig` for sampling. Sampling this backbone equals the
+    family pipeline with the adapter loaded (tested), and its teacher is the same frozen weights.
+    """
+    folder = Path(adapter)
+    config = AdapterConfig.load(adapter_file(folder, CONFIG_FILE))
+    if config.family != cfg.model.backbone:
+        raise ValueError(f"adapter '{folder}' is for family '{config.family}', config '{cfg.name}' for "
+                         f"'{cfg.model.backbone}'")
+    model = dataclasses.replace(cfg.model, num_modes=config.num_modes, lora_rank=config.lora_rank,
+                                lora_alpha=config.lora_alpha, guidance=config.guidance)
+    backbone = build_backbone(model, device)
+    tensors = join_student_state(load_file(adapter_file(folder, LORA_FILE)), load_file(adapter_file(folder, HEADS_FILE)))
+    params = dict(backbone.trainable_named_parameters())
+    check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, {k: tuple(p.shape) for k, p in params.items()},
+                 f"adapter '{folder}' does not fit model.pretrained='{cfg.model.pretrained}'")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    backbone.eval()
+    text_encoder = build_text_encoder(model).to(device)
+    vae = backbone.load_vae(model.pretrained, torch_dtype(model.dtype)).to(device)
+    return backbone, text_encoder, vae, config
 
 
 @torch.no_grad()

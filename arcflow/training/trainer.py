@@ -239,7 +239,7 @@ class Trainer:
         if self.validator is None:
             vae = self.backbone.load_vae(self.cfg.model.pretrained, self.compute_dtype).to(self.device)
             self.validator = Validator(self.backbone, vae, self.val_data.encode, self.val_data.prompts,
-                                       self.cfg.val_cfg, self.cfg.distill, self.device)
+                                       self.cfg.val_cfg, self.cfg.distill, self.device, self.cfg.eval_cfg)
         self.backbone.eval()
         self.ema.swap()
         try:

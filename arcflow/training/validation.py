@@ -8,6 +8,7 @@ Euler sample) never change during a run and are computed once.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,13 +16,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from arcflow.config import DistillConfig, ValConfig
+from arcflow.config import DistillConfig, EvalConfig, ValConfig
 from arcflow.data.batches import Prompt
+from arcflow.evaluation.metrics import MetricSuite, Pairs
+from arcflow.evaluation.store import to_uint8
 from arcflow.images import psnr, save_grid
 from arcflow.method.sampling import sample_student, sample_teacher
 from arcflow.models.base import Backbone, Conditioning
 
 EncodeFn = Callable[[list[str]], Conditioning]
+log = logging.getLogger("arcflow")
 
 
 def fixed_noise(prompts: list[Prompt], backbone: Backbone, seed: int) -> list[Tensor]:
@@ -43,12 +47,14 @@ class Validator:
     """Samples the validation prompts and writes ``grid.png`` + ``metrics.json`` per call."""
 
     def __init__(self, backbone: Backbone, vae: nn.Module, encode: EncodeFn, prompts: list[Prompt],
-                 cfg: ValConfig, distill: DistillConfig, device: torch.device):
+                 cfg: ValConfig, distill: DistillConfig, device: torch.device, eval_cfg: EvalConfig | None = None):
         self.backbone, self.vae, self.encode = backbone, vae, encode
         self.prompts = prompts[:cfg.num_prompts]
         self.cfg, self.distill, self.device = cfg, distill, device
+        self.eval_cfg = eval_cfg or EvalConfig()
         self.noise = fixed_noise(self.prompts, backbone, cfg.seed)
         self._references: dict[str, list[_Sample]] | None = None
+        self._suite: MetricSuite | None = None
 
     def _batches(self) -> list[list[int]]:
         """Indices grouped by image size, in chunks of the validation batch size."""
@@ -101,6 +107,10 @@ class Validator:
             metrics[f"{name}/psnr"] = sum(gains) / len(gains)
         if not write:
             return metrics
+        if self.cfg.metrics:
+            for name, samples in students.items():
+                values = self.evaluation_metrics(samples, target)
+                metrics.update({f"{name}/{key}": value for key, value in values.items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         columns = [target] + list(students.values()) + [refs[f"teacher_euler_{n}step"] for n in self.cfg.nfe]
         save_grid([[col[i].images for col in columns] for i in range(len(self.prompts))], out_dir / "grid.png")
@@ -110,3 +120,29 @@ class Validator:
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(out_dir / "metrics.json")
         return metrics
+
+    def evaluation_metrics(self, samples: list[_Sample], target: list[_Sample]) -> dict[str, float]:
+        """``val_cfg.metrics`` of arcflow.evaluation on the first ``metrics_num_prompts`` prompts (those computable).
+
+        The metric networks are loaded once; those that cannot be (library or weights missing) are
+        logged once with the reason and left out, so TensorBoard only ever shows real numbers.
+        """
+        if self._suite is None:
+            groups = tuple(group for group in self.cfg.metrics if group != "alignment")  # run() has it already
+            self._suite = MetricSuite.build(self.eval_cfg, groups, self.device)
+            for name, reason in sorted(self._suite.unavailable.items()):
+                log.warning("val_cfg.metrics: %s unavailable: %s", name, reason)
+        suite = MetricSuite(self._suite.metrics, {})
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in range(min(self.cfg.metrics_num_prompts, len(self.prompts))):
+            by_shape.setdefault(tuple(samples[i].images.shape), []).append(i)
+        size = self.eval_cfg.feature_batch_size
+        for indices in by_shape.values():
+            for chosen in (indices[i:i + size] for i in range(0, len(indices), size)):
+                stack = lambda parts, field: torch.stack([getattr(parts[i], field) for i in chosen])  # noqa: E731
+                suite.update(Pairs([self.prompts[i].text for i in chosen],
+                                   to_uint8(stack(samples, "images")).to(self.device),
+                                   to_uint8(stack(target, "images")).to(self.device),
+                                   stack(samples, "latents"), stack(target, "latents")))
+        values, _ = suite.compute(suite.state())
+        return {key: value for key, value in values.items() if value is not None}

@@ -9,3 +9,15 @@ data = dict(
     data_root='data/demo/preproc_demo_teacher/',
     train=dict(height=64, width=64),
     val=dict(height=64, width=64))
+# `arcflow eval`: 64 held-out scene captions (256 in the file) against the teacher's own 50-step samples;
+# the scene detector reads colour, shape, count and position back (prompt_accuracy). FID, CLIP and LPIPS
+# are reported unavailable unless their libraries and weights are on the machine.
+eval_cfg = dict(
+    prompts='assets/demo_teacher/eval_prompts.jsonl',
+    num_prompts=64,
+    height=64,
+    width=64,
+    batch_size=64,
+    feature_batch_size=64,
+    teacher_store='data/demo/eval_teacher',
+    hooks=('arcflow.demo.scene_eval:prompt_accuracy', ))

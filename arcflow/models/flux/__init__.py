@@ -13,6 +13,7 @@ FAMILY = Family(
     pipeline=ArcFluxPipeline,
     make_tiny=make_tiny_flux,
     diffusers_pipelines=("FluxPipeline",),
+    eval_teacher_steps=50,  # FluxPipeline's FLUX.1-dev evaluation setting, guidance 3.5 (model.guidance)
 )
 
 __all__ = ["FAMILY", "ArcFluxPipeline", "FluxBackbone", "PretrainedFluxTextEncoder", "make_tiny_flux"]

@@ -1,0 +1,1 @@
+"""Evaluation of a distilled student against its teacher with the field's metrics (``arcflow eval``)."""
