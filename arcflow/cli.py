@@ -132,7 +132,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-weights", action="store_true",
                         help="let the metric libraries download weights this machine lacks")
     parser.add_argument("--work-dir", help="default: work_dirs/{config name}/eval_{sampler}")
-    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none", help="'pytorch': started by torchrun")
+    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+                        help="'pytorch': started by torchrun")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                         help="override config keys, e.g. eval_cfg.clip_model=ViT-B-32")
 
@@ -152,7 +153,8 @@ def run_eval(args: argparse.Namespace) -> dict | None:
         candidate, load = plan_candidate(cfg, env.device, ckpt=args.ckpt, adapter=args.adapter,
                                          baseline_steps=args.baseline_steps, nfe=args.nfe)
         work_dir = Path(args.work_dir or Path("work_dirs") / cfg.name / f"eval_{candidate.name}")
-        result = evaluate(cfg, env, candidate, load, work_dir, command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+        result = evaluate(cfg, env, candidate, load, work_dir, command=command)
     except BaseException as err:
         if isinstance(err, Exception):
             print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",

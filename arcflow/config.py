@@ -211,6 +211,8 @@ class EvalConfig:
     """Which metric groups to compute; one that cannot be (no library, no weights) is reported unavailable."""
     inception_weights: str = ""
     """FID Inception (torch-fidelity's pt_inception-2015-12-05) file; empty: torch's hub cache."""
+    fid_features: int = 2048
+    """Inception features of FID: 2048 (pool3, the standard), or 64, 192, 768 (torch-fidelity's earlier layers)."""
     patch_size: int = 299
     """Side of the native-resolution centre crop of patch-FID."""
     real_images: str = ""
@@ -236,6 +238,8 @@ class EvalConfig:
         for key in ("height", "width"):
             if getattr(self, key) <= 0 or getattr(self, key) % 16:
                 raise _error(f"eval_cfg.{key}", f"must be a positive multiple of 16, got {getattr(self, key)}")
+        if self.fid_features not in (64, 192, 768, 2048):
+            raise _error("eval_cfg.fid_features", f"must be one of 64, 192, 768, 2048, got {self.fid_features!r}")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise _error("eval_cfg.num_prompts", f"must be >= 1 or None, got {self.num_prompts}")
         for hook in self.hooks:

@@ -26,7 +26,8 @@ from arcflow.evaluation.store import ImageStore, make_items, noise_for
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 CAPTIONS = ["a large red circle on the left on a white background", "two small blue squares on a black background",
-            "a large red circle on the left on a white background", "a small green ring at the top on a grey background",
+            "a large red circle on the left on a white background",
+            "a small green ring at the top on a grey background",
             "three small yellow triangles on a white background"]
 
 
@@ -101,7 +102,8 @@ def test_images_do_not_depend_on_batching_or_ranks(trained, tmp_path):
     evaluate(trained, one, tmp_path / "store_one", "--ckpt", str(trained["run"]), **{"eval_cfg.batch_size": 2})
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/test.py",
-           str(REPO / DEMO), "--ckpt", str(trained["run"]), "--launcher", "pytorch", "--prompts", str(trained["prompts"]),
+           str(REPO / DEMO), "--ckpt", str(trained["run"]), "--launcher", "pytorch",
+           "--prompts", str(trained["prompts"]),
            "--work-dir", str(two), *options(trained["tiny"], tmp_path / "store_two")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -135,7 +137,8 @@ def test_bad_input_fails_before_any_model_is_loaded(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         evaluate(trained, tmp_path / "a", tmp_path / "s", "--ckpt", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="eval_cfg.metrics"):
-        evaluate(trained, tmp_path / "b", tmp_path / "s", "--ckpt", str(trained["run"]), **{"eval_cfg.metrics": "[fdi]"})
+        evaluate(trained, tmp_path / "b", tmp_path / "s", "--ckpt", str(trained["run"]),
+                 **{"eval_cfg.metrics": "[fdi]"})
     with pytest.raises(ValueError, match="nfe must be >= 2"):
         evaluate(trained, tmp_path / "c", tmp_path / "s", "--ckpt", str(trained["run"]), "--nfe", "1")
     with pytest.raises(SystemExit):

@@ -129,7 +129,8 @@ class FIDMetric(Metric):
 
     @torch.no_grad()
     def rows(self, pairs: Pairs) -> dict[str, Tensor]:
-        out = {"fid/candidate": self.inception(pairs.candidate).cpu(), "fid/reference": self.inception(pairs.reference).cpu()}
+        out = {"fid/candidate": self.inception(pairs.candidate).cpu(),
+               "fid/reference": self.inception(pairs.reference).cpu()}
         crops = [centre_crop(images, self.patch_size) for images in (pairs.candidate, pairs.reference)]
         if crops[0] is not None:
             out["pfid/candidate"] = self.inception(crops[0].contiguous()).cpu()

@@ -60,7 +60,8 @@ def checked_state_dict(path: Path) -> dict[str, Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for disallowed globals, RuntimeError for a bad archive
-        raise ValueError(f"weights file '{path}' is not a plain tensor state dict ({type(err).__name__}: {err})") from None
+        raise ValueError(f"weights file '{path}' is not a plain tensor state dict "
+                         f"({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"weights file '{path}' does not hold a flat dict of tensors")
     return state
@@ -68,7 +69,7 @@ def checked_state_dict(path: Path) -> dict[str, Tensor]:
 
 # -- FID ------------------------------------------------------------------------------------------
 def inception_features(cfg: EvalConfig, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """torch-fidelity's InceptionV3 (the TF-FID port, 2048-d pool features) from local weights."""
+    """torch-fidelity's InceptionV3 (the TF-FID port; pool3 2048-d features by default) from local weights."""
     _require("torch_fidelity", "torch-fidelity")
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
@@ -78,7 +79,7 @@ def inception_features(cfg: EvalConfig, device: torch.device) -> Callable[[Tenso
     with tempfile.TemporaryDirectory() as tmp:
         checked = Path(tmp) / "inception.pth"
         torch.save(state, checked)
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+        model = FeatureExtractorInceptionV3("inception-v3-compat", [str(cfg.fid_features)],
                                             feature_extractor_weights_path=str(checked)).to(device)
 
     def features(images: Tensor) -> Tensor:
@@ -223,7 +224,7 @@ def _pil(image: Tensor) -> Image.Image:
 
 def hpsv2_scorer(cfg: EvalConfig, device: torch.device) -> Scorer:
     """HPSv2.1 through the hpsv2 package (its ViT-H-14 and the v2.1 head), one prompt at a time as its API scores."""
-    hpsv2 = _require("hpsv2", "hpsv2", "pip install hpsv2 (kept out of the eval extra: it pins pytest 7 and protobuf 3)")
+    hpsv2 = _require("hpsv2", "hpsv2", "pip install hpsv2 (not in the eval extra: it pins pytest 7, protobuf 3)")
     needed = {("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
               ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin")}
     missing = sorted(f"{repo}/{name}" for repo, name in needed if _hf_cached(repo, name) is None)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from arcflow.config import PromptsConfig, RunConfig, torch_dtype
 from arcflow.data.prompt_sources import load_prompt_table
 from arcflow.distributed import DistEnv
-from arcflow.evaluation.metrics import MetricSuite, Pairs
+from arcflow.evaluation.metrics import GROUP_NAMES, MetricSuite, Pairs
 from arcflow.evaluation.report import STANDARD_METRICS, markdown_table, write_outputs
 from arcflow.evaluation.store import EvalItem, ImageStore, make_items, noise_for, store_key_folder, to_uint8
 from arcflow.method.sampling import sample_student, sample_teacher
@@ -87,7 +87,8 @@ def load_items(cfg: RunConfig) -> list[EvalItem]:
     split = PromptsConfig(source=ecfg.prompts, split=ecfg.split, height=ecfg.height, width=ecfg.width,
                           max_size=ecfg.num_prompts)
     table = load_prompt_table(split, key="eval_cfg")
-    return make_items([(table.texts[i].as_py(), int(table.heights[i]), int(table.widths[i])) for i in range(len(table))])
+    return make_items([(table.texts[i].as_py(), int(table.heights[i]), int(table.widths[i]))
+                       for i in range(len(table))])
 
 
 def model_identity(pretrained: str) -> dict[str, Any]:
@@ -97,7 +98,8 @@ def model_identity(pretrained: str) -> dict[str, Any]:
         return {"pretrained": pretrained}
     transformer = path / "transformer"
     sizes = {p.name: p.stat().st_size for p in sorted(transformer.glob("*.safetensors"))}
-    config = (transformer / "config.json").read_text(encoding="utf-8") if (transformer / "config.json").is_file() else ""
+    config_file = transformer / "config.json"
+    config = config_file.read_text(encoding="utf-8") if config_file.is_file() else ""
     return {"pretrained": str(path.resolve()), "transformer_config": json.loads(config or "{}"), "weights": sizes}
 
 
@@ -243,7 +245,8 @@ def evaluate(cfg: RunConfig, env: DistEnv, candidate: Candidate, load: Callable[
     parts = work_dir / "metric_parts"
     parts.mkdir(parents=True, exist_ok=True)
     state = score_shard(mine, suite, store, reference, ecfg.feature_batch_size, env)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(parts / f"rank{env.rank}-of-{env.world_size}.safetensors"))
+    part = parts / f"rank{env.rank}-of-{env.world_size}.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(part))
     env.barrier()
     if not env.is_main:
         return None
@@ -264,6 +267,8 @@ def evaluate(cfg: RunConfig, env: DistEnv, candidate: Candidate, load: Callable[
     if "prompt_accuracy" not in values:
         reasons["prompt_accuracy"] = ("no semantic metric for these prompts: eval_cfg.hooks names none that gives "
                                       "prompt_accuracy (the demo's scene detector does)")
+    for group in set(GROUP_NAMES) - set(ecfg.metrics):
+        reasons.update(dict.fromkeys(GROUP_NAMES[group], f"not asked for (eval_cfg.metrics has no '{group}')"))
     for name in STANDARD_METRICS:
         values.setdefault(name, None)
     run = {"command": command, "commit": commit_of(Path.cwd()), "config": cfg.name, "candidate": candidate.name,
@@ -278,7 +283,8 @@ def evaluate(cfg: RunConfig, env: DistEnv, candidate: Candidate, load: Callable[
 
 
 def plan_candidate(cfg: RunConfig, device: torch.device, ckpt: str | None = None, adapter: str | None = None,
-                   baseline_steps: int | None = None, nfe: int | None = None) -> tuple[Candidate, Callable[[], Generator]]:
+                   baseline_steps: int | None = None, nfe: int | None = None
+                   ) -> tuple[Candidate, Callable[[], Generator]]:
     """What to evaluate and how to load it, checked (paths, NFE) before any weights are read."""
     from arcflow.inference.student import load_adapter_student, load_ema_student
     from arcflow.models import build_backbone, build_text_encoder

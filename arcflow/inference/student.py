@@ -48,7 +48,8 @@ def load_adapter_student(cfg: RunConfig, adapter: str | Path, device: torch.devi
     model = dataclasses.replace(cfg.model, num_modes=config.num_modes, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, guidance=config.guidance)
     backbone = build_backbone(model, device)
-    tensors = join_student_state(load_file(adapter_file(folder, LORA_FILE)), load_file(adapter_file(folder, HEADS_FILE)))
+    tensors = join_student_state(load_file(adapter_file(folder, LORA_FILE)),
+                                 load_file(adapter_file(folder, HEADS_FILE)))
     params = dict(backbone.trainable_named_parameters())
     check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, {k: tuple(p.shape) for k, p in params.items()},
                  f"adapter '{folder}' does not fit model.pretrained='{cfg.model.pretrained}'")
