@@ -22,7 +22,6 @@ if os.environ.get("ARCFLOW_EVAL_LIBS") != "required":  # .ci/run's eval environm
     for module in ("torchvision", "torch_fidelity", "open_clip", "lpips"):
         pytest.importorskip(module, reason="the eval extra: .ci/run runs this file in its eval environment")
 import open_clip  # noqa: E402
-
 import scipy.linalg  # noqa: E402
 import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
