@@ -63,7 +63,7 @@ def run_sample(args: argparse.Namespace) -> None:
     from arcflow.inference.student import generate
 
     cfg = resolve_dirs(load_config(args.config, dict(args.cfg_options or {})), None)
-    out = generate(cfg, args.ckpt, args.prompt, args.nfe, args.out, height=args.height, width=args.width,
+    out = generate(cfg, args.ckpt, args.prompt, args.out, nfe=args.nfe, height=args.height, width=args.width,
                    seed=args.seed, device=init_distributed("none").device)
     print(f"wrote {out}")
 
@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     sample.add_argument("config")
     sample.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
     sample.add_argument("--prompt", nargs="+", required=True)
-    sample.add_argument("--nfe", type=int, default=2)
-    sample.add_argument("--height", type=int, default=1024)
-    sample.add_argument("--width", type=int, default=1024)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--nfe", type=int, help="student evaluations (default: distill.nfe of the config)")
+    sample.add_argument("--height", type=int, help="default: the checkpoint's most frequent training height")
+    sample.add_argument("--width", type=int, help="default: the checkpoint's most frequent training width")
+    sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     sample.add_argument("--out", required=True)
     sample.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
     sample.set_defaults(func=run_sample)

@@ -121,7 +121,8 @@ def write_random_adapter(transformer: nn.Module, out_dir: Path, num_modes: int, 
     lora, heads = split_student_state(ema)
     config = AdapterConfig(base_model="random", num_modes=num_modes, shift=3.2, nfe=2, timestep_ratio=1.0,
                            total_substeps=128, guidance=3.5, lora_rank=lora_rank, lora_alpha=float(lora_rank),
-                           lora_dropout=0.0, dtype=str(dtype).removeprefix("torch."), iteration=0)
+                           lora_dropout=0.0, dtype=str(dtype).removeprefix("torch."), iteration=0,
+                           max_sequence_length=512, resolutions=((1024, 1024),))
     return write_adapter(out_dir, lora, heads, config)
 
 

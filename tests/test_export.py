@@ -156,7 +156,8 @@ def test_adapter_config_errors_name_file_and_key(tmp_path):
     with pytest.raises(ValueError, match="cannot read ArcFlow adapter config"):
         AdapterConfig.load(path)
     good = dict(base_model="b", num_modes=4, shift=3.2, nfe=2, timestep_ratio=1.0, total_substeps=128, guidance=3.5,
-                lora_rank=8, lora_alpha=8.0, lora_dropout=0.0, dtype="float32", iteration=3)
+                lora_rank=8, lora_alpha=8.0, lora_dropout=0.0, dtype="float32", iteration=3, max_sequence_length=32,
+                resolutions=[[64, 64]])
     path.write_text(json.dumps({**good, "num_modes": "4"}))
     with pytest.raises(ValueError, match="key 'num_modes' must be int, got '4'"):
         AdapterConfig.load(path)

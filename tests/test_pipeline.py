@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -13,9 +14,10 @@ from safetensors.torch import save_file
 
 from arcflow.cli import main
 from arcflow.config import load_config
+from arcflow.images import GRID_INFO_KEY, grid_cell
 from arcflow.inference.student import load_ema_student
 from arcflow.method.sampling import sample_student
-from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE
+from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE, AdapterConfig
 from arcflow.models.base import pack, unpack
 from arcflow.pipelines import ArcFluxPipeline
 
@@ -193,7 +195,16 @@ def test_generate_command_writes_a_grid(setup, tiny_flux_dir, tmp_path):
           "--prompts-file", str(prompts), "--num-images", "2", "--height", "64", "--width", "48", "--nfe", "3",
           "--out", str(out)])
     with Image.open(out) as grid:
-        assert grid.size == (2 * (48 + 2) + 2, 2 * (96 + 2) + 2)  # 2 columns, 2 rows of the largest cell
+        info = json.loads(grid.text[GRID_INFO_KEY])
+        pixels = np.asarray(grid.convert("L"))
+    assert [[cell[2:] for cell in row] for row in info["cells"]] == [[[48, 64]] * 2, [[48, 96]] * 2]
+    assert info["column_labels"] == ["3 NFE, #1", "3 NFE, #2"]
+    assert info["row_captions"] == ["a red circle  (seed 0)", "a tall house  (seed 1)"]
+    left, top, _, _ = info["cells"][0][0]
+    assert (pixels[:top] < 128).any()  # the column labels are drawn above the first row
+    below = info["cells"][1][0][1] - 4
+    assert (pixels[top + 64:below, :] < 128).any()  # and the first caption under it
+    assert grid_cell(out, 1, 1).size == (48, 96)
     with pytest.raises(ValueError, match="--width 50 is not a positive multiple of 16"):
         main(["generate", "--base", str(tiny_flux_dir), "--adapter", str(setup[2]), "--prompt", "x",
               "--width", "50", "--out", str(out)])
@@ -201,3 +212,46 @@ def test_generate_command_writes_a_grid(setup, tiny_flux_dir, tmp_path):
     with pytest.raises(ValueError, match=f"{prompts}:1: expected an object with a string 'prompt'"):
         main(["generate", "--base", str(tiny_flux_dir), "--adapter", str(setup[2]), "--prompts-file", str(prompts),
               "--out", str(out)])
+
+
+def test_adapter_records_and_defaults_to_what_it_was_trained_with(setup, tiny_flux_dir, recwarn):
+    _, run, adapter = setup
+    state = json.loads(next((run / "checkpoints").glob("iter_*/state.json")).read_text())
+    config = AdapterConfig.load(adapter / CONFIG_FILE)
+    assert config.max_sequence_length == state["trained_with"]["max_sequence_length"] == 32
+    assert [list(size) for size in config.resolutions] == state["trained_with"]["resolutions"]
+    height, width = config.resolutions[0]
+
+    pipe = arcflux(tiny_flux_dir, adapter)
+    recwarn.clear()
+    default = pipe("a red circle", generator=torch.Generator().manual_seed(0), output_type="pt").images
+    explicit = pipe("a red circle", height=height, width=width, max_sequence_length=32, num_inference_steps=2,
+                    guidance_scale=config.guidance, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert default.shape[-2:] == (height, width) and not recwarn.list
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+
+    for _ in range(2):  # outside the training settings: one warning per setting, however many calls
+        pipe("a red circle", height=32, width=32, max_sequence_length=64, num_inference_steps=3, output_type="pt")
+    messages = sorted(str(w.message) for w in recwarn.list)
+    assert len(messages) == 3
+    assert "32x32 is not a size it was trained on" in messages[0]
+    assert "max_sequence_length=64 differs from the trained max_sequence_length=32" in messages[1]
+    assert "nfe=3 differs from the trained nfe=2" in messages[2]
+
+
+def test_format_1_adapter_still_loads(setup, tiny_flux_dir, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(setup[2], old)
+    values = json.loads((old / CONFIG_FILE).read_text())
+    del values["max_sequence_length"], values["resolutions"]
+    (old / CONFIG_FILE).write_text(json.dumps({**values, "format_version": 1}))
+    pipe = arcflux(tiny_flux_dir)
+    with pytest.warns(UserWarning, match=r"\(format 1\) does not record the text length and image sizes"):
+        config = pipe.load_arcflow_adapter(old)
+    assert config.max_sequence_length is None and config.default_size is None
+    (old / CONFIG_FILE).write_text(json.dumps({**values, "format_version": 2}))  # format 2 must record them
+    with pytest.raises(ValueError, match="invalid adapter config value.*max_sequence_length=None"):
+        AdapterConfig.load(old / CONFIG_FILE)
+    (old / CONFIG_FILE).write_text(json.dumps({**values, "resolutions": [[64]], "max_sequence_length": 32}))
+    with pytest.raises(ValueError, match="key 'resolutions' must be a list of \\[height, width\\] integer pairs"):
+        AdapterConfig.load(old / CONFIG_FILE)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,11 @@ import torch
 from conftest import read_checkpoint_group
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from arcflow.cli import main
 from arcflow.config import load_config
+from arcflow.images import GRID_INFO_KEY, grid_cell
 from arcflow.method.sampling import sample_teacher
 from arcflow.models import build_backbone, build_text_encoder
 from arcflow.models.base import pack, unpack
@@ -77,8 +80,22 @@ def test_logs_validation_and_sampling_from_a_checkpoint(tiny_flux_dir, tmp_path)
         assert {"student_2nfe/latent_mse", "student_2nfe/psnr", "teacher_euler_2step/psnr"} <= set(metrics)
         with Image.open(folder / "grid.png") as grid:
             assert grid.width > 3 * 128 and grid.height > 2 * 128  # 3 columns, 2 prompts
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+        assert grid_cell(folder / "grid.png", 1, 2).size == (128, 128)
+        layout = json.loads(Image.open(folder / "grid.png").text[GRID_INFO_KEY])
+        assert layout["column_labels"] == ["teacher 8-step", "student 2-NFE", "teacher 2-step Euler"]
+        assert len(layout["row_captions"]) == 2
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("val/grid")] == [0, 2, 4]
     assert "trainable parameters" in (run / "train.log").read_text()
+
+    # The checkpoint records what the student saw: T5 length 32, the prompt file's sizes, most frequent first.
+    rows = [json.loads(line) for line in (REPO / "assets/demo/prompts.jsonl").read_text().splitlines()][:-8]
+    counts = Counter((r["height"], r["width"]) for r in rows)
+    record = json.loads((run / "checkpoints" / "iter_0000004" / "state.json").read_text())["trained_with"]
+    assert record["max_sequence_length"] == 32
+    assert sorted(map(tuple, record["resolutions"])) == sorted(counts)
+    assert counts[tuple(record["resolutions"][0])] == max(counts.values())
 
     out = tmp_path / "sample.png"
     main(["sample", str(REPO / DEMO), "--ckpt", str(run), "--prompt", "a red circle", "a blue star",
@@ -86,6 +103,13 @@ def test_logs_validation_and_sampling_from_a_checkpoint(tiny_flux_dir, tmp_path)
           "--cfg-options", f"model.pretrained={tiny_flux_dir}"])
     with Image.open(out) as image:
         assert image.size == (2 * 96, 64)
+    with pytest.warns(UserWarning, match="64x96 is not a size it was trained on"):
+        main(["sample", str(REPO / DEMO), "--ckpt", str(run), "--prompt", "x", "--height", "64", "--width", "96",
+              "--out", str(out), "--cfg-options", f"model.pretrained={tiny_flux_dir}"])
+    main(["sample", str(REPO / DEMO), "--ckpt", str(run), "--prompt", "a red circle", "--out", str(out),
+          "--cfg-options", f"model.pretrained={tiny_flux_dir}"])
+    with Image.open(out) as image:  # left out: the most frequent training size
+        assert image.size == tuple(record["resolutions"][0][::-1])
 
 
 def test_mismatched_checkpoint_is_a_clear_error(tiny_flux_dir, tmp_path):

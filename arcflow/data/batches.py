@@ -134,12 +134,23 @@ class TrainData:
 
     def __init__(self, table: PromptTable, sampler: BucketBatchSampler,
                  condition: Callable[[np.ndarray, list[Prompt]], Conditioning], source: str,
-                 text_encoder: nn.Module | None = None):
+                 text_encoder: nn.Module | None = None, text_length: int | None = None):
         self.table, self.sampler, self._condition = table, sampler, condition
         self.source = source
         """'cache' or 'encoder'."""
         self.text_encoder = text_encoder
         """The on-the-fly encoder (None when reading the cache), e.g. for sharding or validation."""
+        self.text_length = text_length
+        """Text tokens per prompt of the conditioning (the encoder's max_sequence_length), if it has one."""
+
+    def trained_with(self) -> dict[str, Any]:
+        """What the student sees of its prompts, for export and sampling to default to: the text length
+        and every image size, most frequent first (JSON-serialisable)."""
+        sizes, counts = np.unique(np.stack([self.table.heights, self.table.widths], axis=1), axis=0,
+                                  return_counts=True)
+        order = sorted(range(len(counts)), key=lambda i: (-counts[i], tuple(sizes[i])))
+        return {"max_sequence_length": self.text_length,
+                "resolutions": [[int(sizes[i][0]), int(sizes[i][1])] for i in order]}
 
     def next_batch(self) -> tuple[list[Prompt], Conditioning]:
         """This rank's next prompts (one shape) and their conditioning on the device, in the model dtype."""
@@ -169,7 +180,8 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
 
         def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
             return cache.load(rows, device, dtype)
-        where = f"cache {cache.directory}"
+        where = f"the prompt-embedding cache {cache.directory}"
+        text_length = cache.manifest["encoder"].get("max_sequence_length")
     else:
         table = load_prompt_table(split, "data.train")
         encoder = text_encoder.to(device) if text_encoder is not None else _build_encoder(cfg, device)
@@ -177,13 +189,14 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
 
         def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
             return encode([p.text for p in prompts])
-        where = f"text encoder {text_encoder_type(cfg.model)} (on the fly)"
+        where = f"text encoder {text_encoder_type(cfg.model)} on the fly (no complete cache under {cfg.data.data_root!r})"
+        text_length = getattr(encoder, "max_sequence_length", None)
     table = _sized(table, split)
     buckets = np.tile(bucket_ids(table.heights, table.widths), split.repeat)
     sampler = BucketBatchSampler(buckets, cfg.train_cfg.batch_size, seed, rank, world_size)
     log.info("training prompts: %d (x%d), %d size buckets, %d batches per epoch; conditioning from %s",
              len(table), split.repeat, int(buckets.max()) + 1, sampler.batches_per_epoch, where)
-    return TrainData(table, sampler, condition, source, encoder)
+    return TrainData(table, sampler, condition, source, encoder, text_length)
 
 
 class ValData:

@@ -20,7 +20,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="the run config the checkpoint was trained with")
     parser.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
     parser.add_argument("--out-dir", required=True, help="adapter folder to write (replaced if it is one already)")
-    parser.add_argument("--dtype", default="bfloat16", help="of the exported tensors: float16, bfloat16 or float32")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                        help="of the exported tensors (default: the config's model.dtype)")
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
                         help="override config keys, e.g. model.pretrained=/path/to/FLUX.1-dev")
 
@@ -37,37 +38,44 @@ def run_export(args: argparse.Namespace) -> Path:
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", required=True, help="base FLUX model: hub id or local diffusers folder")
+    parser.add_argument("--base", required=True, help="base model the adapter was distilled from: hub id or local "
+                        "diffusers folder")
     parser.add_argument("--adapter", required=True, help="ArcFlow adapter folder (arcflow export) or hub id")
-    parser.add_argument("--prompt", nargs="+", default=[], help="one or more prompts")
+    parser.add_argument("--prompt", nargs="+", default=[], help="one or more prompts (default: none)")
     parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with prompt and optional height/width")
-    parser.add_argument("--nfe", type=int, help="student evaluations per image (>= 2; default: the adapter's)")
+    parser.add_argument("--nfe", type=int, help="student evaluations per image, >= 2 (default: the adapter's)")
     parser.add_argument("--timestep-ratio", type=float, help="last segment's share (default: the adapter's)")
-    parser.add_argument("--height", type=int, default=1024)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    parser.add_argument("--num-images", type=int, default=1, help="images per prompt (the grid's columns)")
-    parser.add_argument("--out", required=True, help="PNG grid to write")
+    parser.add_argument("--height", type=int, help="image height (default: the adapter's most frequent training size)")
+    parser.add_argument("--width", type=int, help="image width (default: the adapter's most frequent training size)")
+    parser.add_argument("--max-sequence-length", type=int, help="text tokens per prompt (default: the adapter's)")
+    parser.add_argument("--guidance-scale", type=float, help="guidance embedding (default: the adapter's)")
+    parser.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i (default: 0)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt, the grid's columns (default: 1)")
+    parser.add_argument("--out", required=True, help="PNG grid to write (rows: prompts, with their captions)")
     parser.add_argument("--device", help="default: cuda if available, else cpu")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
-    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload: less GPU memory")
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload: less GPU memory "
+                        "(default: off)")
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
-    height: int
-    width: int
+    height: int | None
+    width: int | None
+    """None: the adapter's default size."""
 
 
-def _size(value: object, where: str) -> int:
+def _size(value: object, where: str) -> int | None:
+    if value is None:
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % SIZE_MULTIPLE:
         raise ValueError(f"{where} {value!r} is not a positive multiple of {SIZE_MULTIPLE}")
     return value
 
 
-def read_prompts_file(path: str | Path, height: int, width: int) -> list[Prompt]:
+def read_prompts_file(path: str | Path, height: int | None, width: int | None) -> list[Prompt]:
     """Plain text (one prompt per line) or JSONL (``prompt``, optional ``height``/``width``); blank lines skipped."""
     path = Path(path)
     if not path.is_file():
@@ -108,4 +116,5 @@ def run_generate(args: argparse.Namespace) -> Path:
         raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     return generate_grid(args.base, args.adapter, _prompts(args), args.out, nfe=args.nfe,
                          timestep_ratio=args.timestep_ratio, seed=args.seed, num_images=args.num_images,
-                         device=args.device, dtype=args.dtype, cpu_offload=args.cpu_offload)
+                         device=args.device, dtype=args.dtype, cpu_offload=args.cpu_offload,
+                         max_sequence_length=args.max_sequence_length, guidance_scale=args.guidance_scale)

@@ -1,6 +1,6 @@
 """Export a training checkpoint's EMA student as a self-contained diffusers adapter folder.
 
-    python tools/export_arcflow_to_diffusers.py CONFIG --ckpt CKPT --out-dir DIR [--dtype bfloat16]
+    python tools/export_arcflow_to_diffusers.py CONFIG --ckpt CKPT --out-dir DIR [--dtype float32]
     arcflow export CONFIG --ckpt CKPT --out-dir DIR
 
 The folder layout is described in :mod:`arcflow.models.adapter`. Before anything is
@@ -52,7 +52,8 @@ image = pipe("a prompt", num_inference_steps={nfe}).images[0]
 ```
 
 Files: `{lora}` (LoRA, diffusers/peft layout, adapter name "{adapter}"), `{heads}` (the student's
-output heads and norm_out), `{config}` (K = {k} modes, shift {shift}, guidance {guidance}).
+output heads and norm_out), `{config}` (K = {k} modes, shift {shift}, guidance {guidance}, and what it
+was trained with: {text} text tokens, {sizes}; the pipeline defaults to these).
 """
 
 
@@ -178,7 +179,9 @@ def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str,
         (staging / "README.md").write_text(_MODEL_CARD.format(
             nfe=config.nfe, base=config.base_model, iteration=config.iteration, lora=LORA_FILE, heads=HEADS_FILE,
             config=CONFIG_FILE, adapter=ADAPTER_NAME, k=config.num_modes, shift=config.shift,
-            guidance=config.guidance, pipeline=get_family(config.family).pipeline.__name__), encoding="utf-8")
+            guidance=config.guidance, pipeline=get_family(config.family).pipeline.__name__,
+            text=config.max_sequence_length, sizes=", ".join(f"{h}x{w}" for h, w in config.resolutions[:8])),
+            encoding="utf-8")
         staging.chmod(0o755)
         old = None
         if out.exists():
@@ -192,16 +195,25 @@ def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str,
     return out
 
 
-def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
-    """Checkpoint (EMA) -> adapter folder; returns the folder."""
+def export_adapter(cfg: RunConfig, checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Checkpoint (EMA) -> adapter folder; returns the folder.
+
+    ``dtype`` of the exported tensors defaults to the run's ``model.dtype`` (the precision the student
+    was trained and validated in), or bfloat16 for a dtype an adapter cannot hold.
+    """
+    dtype = dtype or (cfg.model.dtype if cfg.model.dtype in DTYPES else "bfloat16")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    from arcflow.inference.student import trained_with  # student.py reads adapters with this module's helpers
+
     ema, iteration = read_student_ema(cfg, checkpoint)
+    trained = trained_with(cfg, checkpoint)
     lora, heads = split_student_state(ema)
     model, distill = cfg.model, cfg.distill
     config = AdapterConfig(
         base_model=model.pretrained, num_modes=model.num_modes, shift=distill.shift, nfe=distill.nfe,
         timestep_ratio=distill.timestep_ratio, total_substeps=distill.total_substeps, guidance=model.guidance,
         lora_rank=model.lora_rank, lora_alpha=float(model.lora_alpha), lora_dropout=model.lora_dropout,
-        dtype=dtype, iteration=iteration, family=model.backbone)
+        dtype=dtype, iteration=iteration, family=model.backbone, max_sequence_length=trained.max_sequence_length,
+        resolutions=trained.resolutions)
     return write_adapter(out_dir, lora, heads, config)

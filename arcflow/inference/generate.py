@@ -2,8 +2,9 @@
 
     arcflow generate --base black-forest-labs/FLUX.1-dev --adapter DIR --prompt "a cat" --out cat.png
 
-One row per prompt, ``num_images`` columns. Prompt i draws its noise from seed ``seed + i`` on
-the CPU, so an image depends neither on the other prompts nor on the device.
+One row per prompt (captioned with it), ``num_images`` columns. Prompt i draws its noise from
+seed ``seed + i`` on the CPU, so an image depends neither on the other prompts nor on the device.
+Every setting left out (NFE, size, text length, guidance) is the one the adapter was trained with.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from arcflow.models.adapter import CONFIG_FILE, AdapterConfig, adapter_file
 @torch.no_grad()
 def generate_grid(base: str, adapter: str, prompts: list[Prompt], out: str | Path, nfe: int | None = None,
                   timestep_ratio: float | None = None, seed: int = 0, num_images: int = 1,
-                  device: str | None = None, dtype: str | None = None, cpu_offload: bool = False) -> Path:
+                  device: str | None = None, dtype: str | None = None, cpu_offload: bool = False,
+                  max_sequence_length: int | None = None, guidance_scale: float | None = None) -> Path:
     """Load ``base`` + ``adapter``, sample every prompt ``num_images`` times, write the grid to ``out``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -39,11 +41,17 @@ def generate_grid(base: str, adapter: str, prompts: list[Prompt], out: str | Pat
         for index, prompt in enumerate(prompts):
             images = pipe(prompt.text, height=prompt.height, width=prompt.width, num_inference_steps=nfe,
                           timestep_ratio=timestep_ratio, num_images_per_prompt=num_images,
+                          max_sequence_length=max_sequence_length, guidance_scale=guidance_scale,
                           generator=torch.Generator().manual_seed(seed + index), output_type="pt").images
             rows.append([image.float().cpu() for image in images])
             bar.update(num_images)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(rows, out)
-    print(f"wrote {out}: {len(prompts)} prompt(s) x {num_images} image(s), {nfe or config.nfe} NFE")
+    steps = nfe or config.nfe
+    labels = [f"{steps} NFE, #{j + 1}" for j in range(num_images)]
+    captions = [f"{p.text}  (seed {seed + i})" for i, p in enumerate(prompts)]
+    info = {"adapter": str(adapter), "base": str(base), "nfe": steps, "seed": seed,
+            "prompts": [p.text for p in prompts]}
+    save_grid(rows, out, column_labels=labels, row_captions=captions, info=info)
+    print(f"wrote {out}: {len(prompts)} prompt(s) x {num_images} image(s), {steps} NFE")
     return out

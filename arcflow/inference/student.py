@@ -1,24 +1,57 @@
-"""Generate from a training checkpoint with the EMA student (the trainer's own sampler)."""
+"""Generate from a training checkpoint with the EMA student (the trainer's own sampler): ``arcflow sample``.
+
+Left-out settings are the ones the checkpoint was trained with (its ``state.json`` records the
+text length and the image sizes; the config gives NFE and schedule), so a bare
+``arcflow sample CONFIG --ckpt RUN --prompt ... --out x.png`` samples what was distilled.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from arcflow.config import RunConfig, torch_dtype
+from arcflow.config import RunConfig, TextEncoderConfig, torch_dtype
 from arcflow.images import save_grid
 from arcflow.inference.export import join_student_state
 from arcflow.method.sampling import sample_student
 from arcflow.models import build_backbone, build_text_encoder
-from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, adapter_file, check_shapes
+from arcflow.models.adapter import (CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, adapter_file, check_shapes,
+                                    settings_outside)
 from arcflow.training import checkpoint as ckpt
 
 
-def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.device):
-    """The backbone with the checkpoint's EMA weights, plus the text encoder and VAE."""
+@dataclass(frozen=True)
+class TrainedWith:
+    """What the student saw of its prompts in training."""
+
+    max_sequence_length: int
+    resolutions: tuple[tuple[int, int], ...]
+    """(height, width), most frequent first."""
+
+
+def trained_with(cfg: RunConfig, checkpoint: str | Path) -> TrainedWith:
+    """The checkpoint's record (written by the trainer), or the config's values for a checkpoint without one."""
+    path = ckpt.resolve_checkpoint(checkpoint)
+    record = json.loads((path / ckpt.STATE_FILE).read_text()).get("trained_with") or {}
+    configured = TrainedWith((cfg.model.text_encoder or TextEncoderConfig()).max_sequence_length,
+                             ((cfg.data.train.height, cfg.data.train.width),))
+    if not record.get("max_sequence_length") or not record.get("resolutions"):
+        warnings.warn(f"checkpoint '{path}' does not record the text length and image sizes it was trained with "
+                      f"(saved by an older arcflow); using the config's: {configured.max_sequence_length} tokens, "
+                      f"{configured.resolutions[0][0]}x{configured.resolutions[0][1]}", UserWarning, stacklevel=2)
+        return configured
+    return TrainedWith(int(record["max_sequence_length"]), tuple((int(h), int(w)) for h, w in record["resolutions"]))
+
+
+def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.device, text_length: int | None = None):
+    """The backbone with the checkpoint's EMA weights, plus the text encoder (``text_length`` tokens if given)
+    and the VAE."""
     path = ckpt.resolve_checkpoint(checkpoint)
     backbone = build_backbone(cfg.model, device)
     # The EMA weights are loaded straight into the student's trainable parameters.
@@ -28,7 +61,11 @@ def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.devic
     except ValueError as err:
         raise ValueError(f"checkpoint '{path}' does not match config '{cfg.name}': {err}") from None
     backbone.eval()
-    text_encoder = build_text_encoder(cfg.model).to(device)
+    model = cfg.model
+    if text_length is not None:
+        encoder = dataclasses.replace(model.text_encoder or TextEncoderConfig(), max_sequence_length=text_length)
+        model = dataclasses.replace(model, text_encoder=encoder)
+    text_encoder = build_text_encoder(model).to(device)
     vae = backbone.load_vae(cfg.model.pretrained, torch_dtype(cfg.model.dtype)).to(device)
     return backbone, text_encoder, vae
 
@@ -57,19 +94,32 @@ def load_adapter_student(cfg: RunConfig, adapter: str | Path, device: torch.devi
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
     backbone.eval()
+    if config.max_sequence_length is not None:  # the text length the student was trained with
+        encoder = dataclasses.replace(model.text_encoder or TextEncoderConfig(),
+                                      max_sequence_length=config.max_sequence_length)
+        model = dataclasses.replace(model, text_encoder=encoder)
     text_encoder = build_text_encoder(model).to(device)
     vae = backbone.load_vae(model.pretrained, torch_dtype(model.dtype)).to(device)
     return backbone, text_encoder, vae, config
 
 
 @torch.no_grad()
-def generate(cfg: RunConfig, checkpoint: str | Path, prompts: list[str], nfe: int, out: str | Path,
-             height: int = 1024, width: int = 1024, seed: int = 0, device: str | torch.device = "cpu") -> Path:
-    """Sample one image per prompt at ``nfe`` student evaluations and save them as one PNG row."""
+def generate(cfg: RunConfig, checkpoint: str | Path, prompts: list[str], out: str | Path, nfe: int | None = None,
+             height: int | None = None, width: int | None = None, seed: int = 0,
+             device: str | torch.device = "cpu") -> Path:
+    """Sample one image per prompt and save them as one PNG row; left-out settings are the trained ones."""
     device = torch.device(device)
-    backbone, text_encoder, vae = load_ema_student(cfg, checkpoint, device)
+    trained = trained_with(cfg, checkpoint)
+    default_height, default_width = trained.resolutions[0]
+    height, width, nfe = height or default_height, width or default_width, nfe or cfg.distill.nfe
+    for why in settings_outside({"nfe": cfg.distill.nfe}, trained.resolutions, size=(height, width),
+                                nfe=nfe).values():
+        warnings.warn(f"checkpoint '{checkpoint}': {why}; expect worse images", UserWarning, stacklevel=2)
+    backbone, text_encoder, vae = load_ema_student(cfg, checkpoint, device, trained.max_sequence_length)
     shape = backbone.latent_shape(height, width)
-    noise = torch.randn((len(prompts), *shape), generator=torch.Generator().manual_seed(seed)).to(device)
+    # Prompt i draws from seed + i, as in ``arcflow generate``: an image does not depend on the other prompts.
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                         for i in range(len(prompts))]).to(device)
     cond = {k: v.to(device) for k, v in text_encoder.encode(prompts).items()}
     latents = sample_student(backbone, noise, cond, nfe, cfg.distill.shift, cfg.distill.timestep_ratio)
     images = backbone.decode(vae, latents)

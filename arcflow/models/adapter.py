@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from huggingface_hub import hf_hub_download
 from safetensors import safe_open
@@ -35,7 +37,9 @@ CONFIG_FILE = "arcflow_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEADS_FILE = "arcflow_heads.safetensors"
 FORMAT = "arcflow-flux-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 records what the student was trained with (text length, resolutions); 1 did not and still loads."""
+READABLE_VERSIONS = (1, 2)
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -64,16 +68,24 @@ class AdapterConfig:
     """Training iteration of the exported EMA weights."""
     family: str = "flux"
     """The model family (``model.backbone``) of the base model: which pipeline samples it."""
+    max_sequence_length: int | None = None
+    """Text tokens per prompt the student was trained with (FLUX: T5's padded length); None in format 1."""
+    resolutions: tuple[tuple[int, int], ...] = ()
+    """(height, width) of the training images, most frequent first (the pipeline's default size)."""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
+        recorded = self.format_version < 2 or (
+            self.max_sequence_length is not None and self.max_sequence_length >= 1 and len(self.resolutions) > 0)
         checks = {
             "num_modes": self.num_modes >= 1, "shift": self.shift > 0, "nfe": self.nfe >= 2,
             "timestep_ratio": self.timestep_ratio > 0, "total_substeps": self.total_substeps >= 1,
             "lora_rank": self.lora_rank >= 1, "lora_alpha": self.lora_alpha > 0,
             "dtype": self.dtype in DTYPES, "format": self.format == FORMAT,
-            "format_version": self.format_version == FORMAT_VERSION,
+            "format_version": self.format_version in READABLE_VERSIONS,
+            "max_sequence_length": recorded,
+            "resolutions": recorded and all(h > 0 and w > 0 for h, w in self.resolutions),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -98,16 +110,62 @@ class AdapterConfig:
         missing = sorted(n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in values)
         if unknown or missing:
             raise ValueError(f"'{path}': missing keys {missing}, unknown keys {unknown}")
+        kwargs = {}
         for name, value in values.items():
-            expected = hints[name]
-            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)) if expected is float else (
-                isinstance(value, expected) and not (expected is int and isinstance(value, bool)))
-            if not ok:
-                raise ValueError(f"'{path}': key '{name}' must be {expected.__name__}, got {value!r}")
+            kwargs[name] = _json_value(hints[name], value, f"'{path}': key '{name}'")
         try:
-            return cls(**{k: float(v) if hints[k] is float else v for k, v in values.items()})
+            return cls(**kwargs)
         except ValueError as err:
             raise ValueError(f"'{path}': {err}") from None
+
+    @property
+    def default_size(self) -> tuple[int, int] | None:
+        """(height, width) the student saw most in training; None when the folder does not say."""
+        return self.resolutions[0] if self.resolutions else None
+
+    def untrained(self, **request: Any) -> dict[str, str]:
+        """Which requested settings leave what the student was trained with (see :func:`settings_outside`)."""
+        trained = {"max_sequence_length": self.max_sequence_length, "nfe": self.nfe,
+                   "timestep_ratio": self.timestep_ratio, "guidance": self.guidance}
+        return settings_outside(trained, self.resolutions, **request)
+
+
+def settings_outside(trained: dict[str, Any], resolutions: Sequence[Sequence[int]], **request: Any) -> dict[str, str]:
+    """{setting: why} for each requested setting that differs from ``trained`` (or, for ``size``, a
+    (height, width) pair, is not among ``resolutions``). A None request, or a None trained value (a
+    folder that does not record it), is never outside."""
+    outside = {}
+    for key, value in request.items():
+        if value is None:
+            continue
+        if key == "size":
+            sizes = [tuple(size) for size in resolutions]
+            if sizes and tuple(value) not in sizes:
+                seen = ", ".join(f"{h}x{w}" for h, w in sizes[:8]) + (" ..." if len(sizes) > 8 else "")
+                outside[key] = f"{value[0]}x{value[1]} is not a size it was trained on ({seen})"
+        elif trained.get(key) is not None and value != trained[key]:
+            outside[key] = f"{key}={value} differs from the trained {key}={trained[key]}"
+    return outside
+
+
+def _json_value(expected: Any, value: Any, where: str) -> Any:
+    """``value`` read from JSON as the field type ``expected`` (float accepts ints), or a ValueError naming it."""
+    if typing.get_origin(expected) in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(expected):
+            return None
+        expected = next(t for t in typing.get_args(expected) if t is not type(None))
+    if expected == tuple[tuple[int, int], ...]:
+        pairs = value if isinstance(value, list) else None
+        if pairs is None or not all(isinstance(p, list) and len(p) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in p) for p in pairs):
+            raise ValueError(f"{where} must be a list of [height, width] integer pairs, got {value!r}")
+        return tuple((h, w) for h, w in pairs)
+    if expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where} must be {expected.__name__}, got {value!r}")
 
 
 def lora_metadata(rank: int, alpha: float, target_modules: list[str]) -> dict[str, object]:
@@ -164,12 +222,18 @@ class ArcFlowAdapterMixin:
 
     arcflow_config: AdapterConfig | None = None
     """The loaded adapter's settings; None while the transformer is the plain teacher."""
+    _arcflow_warned: frozenset[str] = frozenset()
+    """Settings already warned about for the loaded adapter (each warns once)."""
 
     def load_arcflow_adapter(self, path_or_hub_id: str | Path, subfolder: str | None = None) -> AdapterConfig:
         """Turn the transformer into the student in place, from an ``arcflow export`` folder or hub repo."""
         if self.arcflow_config is not None:
             raise ValueError("an ArcFlow adapter is already loaded; call unload_arcflow_adapter() first")
         config = AdapterConfig.load(adapter_file(path_or_hub_id, CONFIG_FILE, subfolder))
+        if config.format_version < 2:
+            warnings.warn(f"ArcFlow adapter '{path_or_hub_id}' (format {config.format_version}) does not record the "
+                          "text length and image sizes it was trained with, so calls default to the base pipeline's; "
+                          "export it again (arcflow export) to record them", UserWarning, stacklevel=2)
         heads_path = adapter_file(path_or_hub_id, HEADS_FILE, subfolder)
         lora_path = adapter_file(path_or_hub_id, LORA_FILE, subfolder)
         _check_lora_rank(lora_path, config.lora_rank)
@@ -191,7 +255,17 @@ class ArcFlowAdapterMixin:
             switch.use_student = True
             setattr(transformer, name, switch)
         self.arcflow_config = config
+        self._arcflow_warned = frozenset()
         return config
+
+    def warn_outside_training(self, **request: Any) -> None:
+        """Warn once per setting when a call asks for what the student was not trained with
+        (:meth:`AdapterConfig.untrained` names the settings)."""
+        for key, why in self.arcflow_config.untrained(**request).items():
+            if key not in self._arcflow_warned:
+                self._arcflow_warned = self._arcflow_warned | {key}
+                warnings.warn(f"ArcFlow adapter: {why}; expect worse images (this warning is shown once)",
+                              UserWarning, stacklevel=4)
 
     def unload_arcflow_adapter(self) -> None:
         """Give back the plain teacher: original output layers, the "arcflow" LoRA removed."""

@@ -21,8 +21,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 from torch.utils.tensorboard import SummaryWriter
@@ -253,6 +255,8 @@ class Trainer:
                 f.write(json.dumps({"iter": self.iteration, **metrics}) + "\n")
             for key, value in metrics.items():
                 self.writer.add_scalar(f"val/{key}", value, self.iteration)
+            with Image.open(out_dir / "grid.png") as grid:  # the labelled grid, as on disk
+                self.writer.add_image("val/grid", np.asarray(grid.convert("RGB")), self.iteration, dataformats="HWC")
             log.info("val iter %d %s", self.iteration, json.dumps(metrics))
         return metrics
 
@@ -270,7 +274,8 @@ class Trainer:
     def save(self) -> Path:
         tensors, scalars = self._checkpoint_tensors()
         state = {"data": self.data.state_dict(), "ema_updates": self.ema.num_updates,
-                 "optimizer_scalars": scalars, "world_size": self.env.world_size}
+                 "optimizer_scalars": scalars, "world_size": self.env.world_size,
+                 "trained_with": self.data.trained_with()}
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.iteration, tensors, state, self.env)
         if self.env.is_main:
             ckpt.prune_checkpoints(self.cfg.checkpoint_dir, self.cfg.checkpoint.keep_last,

@@ -113,8 +113,11 @@ class Validator:
                 metrics.update({f"{name}/{key}": value for key, value in values.items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         columns = [target] + list(students.values()) + [refs[f"teacher_euler_{n}step"] for n in self.cfg.nfe]
-        save_grid([[col[i].images for col in columns] for i in range(len(self.prompts))], out_dir / "grid.png")
         legend = [target_name] + list(students) + [f"teacher_euler_{n}step" for n in self.cfg.nfe]
+        labels = [f"teacher {self.cfg.teacher_steps}-step"] + [f"student {n}-NFE" for n in self.cfg.nfe] + [
+            f"teacher {n}-step Euler" for n in self.cfg.nfe]
+        save_grid([[col[i].images for col in columns] for i in range(len(self.prompts))], out_dir / "grid.png",
+                  column_labels=labels, row_captions=[p.text for p in self.prompts])
         record = {"columns": legend, "prompts": [p.text for p in self.prompts], "metrics": metrics}
         tmp = out_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))

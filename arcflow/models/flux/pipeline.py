@@ -20,6 +20,8 @@ from arcflow.models.base import ADAPTER_NAME, pack, policy_from_tokens, unpack
 
 TEACHER_DEFAULT_STEPS = 28
 """FluxPipeline's default, used when no adapter is loaded."""
+TEACHER_DEFAULT_TEXT_LENGTH = 512
+"""FluxPipeline's default T5 length, used without an adapter (or with a format-1 one, which does not record it)."""
 
 
 class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
@@ -50,15 +52,17 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         joint_attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         **teacher_kwargs: Any,
     ) -> FluxPipelineOutput | tuple:
         """Generate with the student: ``num_inference_steps`` (n >= 2) transformer evaluations, nothing more.
 
         Segments in raw time are D, ..., D, r*D with D = 1 / (n - 1 + r), r = ``timestep_ratio``
         (default: the adapter's); each evaluation's policy is integrated exactly over its segment
-        on the adapter's fixed shift. The guidance embedding is the adapter's unless
-        ``guidance_scale`` is given. ``latents`` are packed (B, N, 64) as in FluxPipeline and stay
+        on the adapter's fixed shift. Every setting left out is the one the student was trained
+        with, as its adapter records: guidance, number of evaluations, T5 text length
+        (``max_sequence_length``) and image size (the most frequent training size); asking for
+        anything else works but warns once, since the student never saw it. ``latents`` are packed (B, N, 64) as in FluxPipeline and stay
         float32 throughout; ``output_type="latent"`` returns them packed, in float32.
 
         Without an adapter this is ``FluxPipeline.__call__`` (the teacher), and ``teacher_kwargs``
@@ -76,7 +80,7 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
                 prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds, output_type=output_type,
                 return_dict=return_dict, joint_attention_kwargs=joint_attention_kwargs,
                 callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
-                max_sequence_length=max_sequence_length, **teacher_kwargs)
+                max_sequence_length=max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH, **teacher_kwargs)
         if teacher_kwargs:
             raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student")
         config = self.arcflow_config
@@ -88,8 +92,12 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         if num_steps < 2:
             raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
         bounds = segment_bounds(num_steps, config.timestep_ratio if timestep_ratio is None else timestep_ratio)
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        default_height, default_width = config.default_size or (self.default_sample_size * self.vae_scale_factor,) * 2
+        height, width = height or default_height, width or default_width
+        max_sequence_length = max_sequence_length or config.max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH
+        self.warn_outside_training(
+            size=(height, width), nfe=num_steps, timestep_ratio=timestep_ratio, guidance=guidance_scale,
+            max_sequence_length=max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1])
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
                           callback_on_step_end_tensor_inputs=tensor_inputs, max_sequence_length=max_sequence_length)
