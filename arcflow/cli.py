@@ -1,4 +1,6 @@
-"""Command line: ``arcflow {train,sample,export,generate,eval,cache,tiny,demo}``; ``tools/*.py`` call into here."""
+"""arcflow: distil a text-to-image flow model into a 2-step ArcFlow student, and sample it.
+
+``tools/*.py`` call into here; ``arcflow COMMAND --help`` lists a command's options and their defaults."""
 
 from __future__ import annotations
 
@@ -16,20 +18,54 @@ from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
 from arcflow.inference.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+"""The checkout this package runs from (installed with ``pip install -e .``): configs/ and assets/ are there."""
 DEMO_CONFIG = "configs/demo/teacher_arcflux_2nfe.py"
 TINY_CONFIG = "configs/demo/arcflux_tiny_2nfe.py"
 DEMO_SCENES = 64
 """Held-out scenes the demo scores its student on (``benchmarks/distill_table.py`` uses 256)."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default: argparse's own value, or the help's words for None."""
+
+    def __init__(self, prog: str, max_help_position: int = 30, width: int | None = None) -> None:
+        super().__init__(prog, max_help_position=max_help_position, width=width)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        """Make room for the longest command name too (argparse forgets their indentation), so each
+        command's help stays on its line."""
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action._get_subactions():
+                width = len(self._format_action_invocation(sub)) + self._current_indent + 2 * self._indent_increment
+                self._action_max_length = max(self._action_max_length, width)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.required or not action.option_strings or action.default is None \
+                or action.default is argparse.SUPPRESS:
+            return help_text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{help_text} (default: off)"
+        if action.default == {}:
+            return f"{help_text} (default: none)"
+        return f"{help_text} (default: %(default)s)"
+
+
+def cfg_options_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
+                        help="override config keys, e.g. optimizer.lr=5e-5 train_cfg.batch_size=2")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="run config (Python file with _base_ inheritance)")
-    parser.add_argument("--work-dir", help="put everything of this run (logs, checkpoints, samples) here")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                        help="override config keys, e.g. optimizer.lr=5e-5 train_cfg.batch_size=2")
+    parser.add_argument("--work-dir", help="put everything of this run (logs, checkpoints, samples) here "
+                        "(default: work_dirs/{config name}, checkpoints in checkpoints/{config name})")
+    cfg_options_argument(parser)
     parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
                         help="'pytorch': started by torchrun")
-    parser.add_argument("--seed", type=int, help="overrides train_cfg.seed")
+    parser.add_argument("--seed", type=int, help="overrides train_cfg.seed (default: the config's)")
     parser.add_argument("--diff_seed", action="store_true", help="give each rank its own seed (seed + rank)")
 
 
@@ -60,6 +96,8 @@ def run_train(args: argparse.Namespace) -> RunConfig:
 
 
 def run_sample(args: argparse.Namespace) -> None:
+    """Sample a training checkpoint's EMA student with the trainer's own sampler; settings left out are the
+    ones it was trained with (NFE, image size, text length)."""
     from arcflow.inference.student import generate
 
     cfg = resolve_dirs(load_config(args.config, dict(args.cfg_options or {})), None)
@@ -83,18 +121,37 @@ def run_demo(args: argparse.Namespace) -> None:
     """
     from arcflow.models import get_family
 
-    cfg_options = dict(args.cfg_options or {})
-    probe = load_config(args.config, cfg_options)
+    config, cfg_options = demo_inputs(args.config, dict(args.cfg_options or {}))
+    probe = load_config(config, cfg_options)
     if not Path(probe.model.pretrained, "model_index.json").is_file():
         print(f"making the tiny {probe.model.backbone} model in {probe.model.pretrained}")
         get_family(probe.model.backbone).make_tiny(probe.model.pretrained, 0)
-    train_args = argparse.Namespace(config=args.config, work_dir=args.work_dir, cfg_options=cfg_options,
+    train_args = argparse.Namespace(config=config, work_dir=args.work_dir, cfg_options=cfg_options,
                                     launcher="none", seed=None, diff_seed=False)
     cfg = run_train(train_args)
     val_metrics = Path(cfg.work_dir) / "val_metrics.jsonl"
     print(alignment_table(val_metrics) if val_metrics.is_file() else "no validation ran (eval_interval=0)")
     if Path(cfg.model.pretrained, "training.json").is_file():  # a scenes teacher (tools/train_demo_teacher.py)
         print(scene_table(cfg))
+
+
+def _in_repository(path: str) -> str:
+    """``path`` itself when it exists from here (or is absolute), else the repository's file of that name."""
+    if not path or Path(path).is_absolute() or Path(path).exists():
+        return path
+    shipped = REPO_ROOT / path
+    return str(shipped) if shipped.exists() else path
+
+
+def demo_inputs(config: str, cfg_options: dict) -> tuple[str, dict]:
+    """The demo from any directory: its config, teacher and prompt files are read from the repository when
+    the current directory has no such paths; what the run writes stays under the current directory."""
+    config = _in_repository(config)
+    probe = load_config(config, cfg_options)
+    inputs = {"model.pretrained": probe.model.pretrained, "data.source": probe.data.source,
+              "data.train.source": probe.data.train.source, "data.val.source": probe.data.val.source}
+    moved = {key: _in_repository(value) for key, value in inputs.items() if key not in cfg_options}
+    return config, {**cfg_options, **{key: value for key, value in moved.items() if value != inputs[key]}}
 
 
 def scene_table(cfg: RunConfig) -> str:
@@ -123,12 +180,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--adapter", help="an exported adapter folder (arcflow export)")
     what.add_argument("--baseline-steps", type=int, help="evaluate the teacher's own N-step Euler sampler instead")
     parser.add_argument("--prompts", help="prompt set: hub dataset id or local file (default: eval_cfg.prompts)")
-    parser.add_argument("--num-prompts", type=int, help="the first N prompts of the set")
+    parser.add_argument("--num-prompts", type=int, help="the first N prompts of the set (default: eval_cfg.num_prompts)")
     parser.add_argument("--nfe", type=int, help="student evaluations per image (default: the student's)")
     parser.add_argument("--teacher-steps", type=int, help="steps of the teacher's reference sampler (default: 50)")
-    parser.add_argument("--real-images", help="folder of real images or .npz of Inception mu/sigma, for fid_real")
+    parser.add_argument("--real-images", help="folder of real images or .npz of Inception mu/sigma, for fid_real "
+                        "(default: eval_cfg.real_images)")
     parser.add_argument("--seed", type=int, help="noise seed (default: eval_cfg.seed)")
-    parser.add_argument("--batch-size", type=int, help="images per generator forward")
+    parser.add_argument("--batch-size", type=int, help="images per generator forward (default: eval_cfg.batch_size)")
     parser.add_argument("--download-weights", action="store_true",
                         help="let the metric libraries download weights this machine lacks")
     parser.add_argument("--work-dir", help="default: work_dirs/{config name}/eval_{sampler}")
@@ -189,61 +247,85 @@ def alignment_table(val_metrics: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="arcflow", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    train = commands.add_parser("train", help="distil a teacher into an ArcFlow student")
-    add_train_arguments(train)
-    train.set_defaults(func=run_train)
-
-    sample = commands.add_parser("sample", help="generate from a training checkpoint (EMA weights)")
-    sample.add_argument("config")
+def add_sample_parser(commands: argparse._SubParsersAction) -> None:
+    sample = commands.add_parser("sample", help="sample a training checkpoint's EMA student",
+                                 description=run_sample.__doc__, formatter_class=HelpFormatter)
+    sample.add_argument("config", help="the run config the checkpoint was trained with")
     sample.add_argument("--ckpt", required=True, help="an iter_* checkpoint, or a run dir (its latest)")
-    sample.add_argument("--prompt", nargs="+", required=True)
+    sample.add_argument("--prompt", nargs="+", required=True, help="one or more prompts (one image each)")
     sample.add_argument("--nfe", type=int, help="student evaluations (default: distill.nfe of the config)")
     sample.add_argument("--height", type=int, help="default: the checkpoint's most frequent training height")
     sample.add_argument("--width", type=int, help="default: the checkpoint's most frequent training width")
     sample.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
-    sample.add_argument("--out", required=True)
-    sample.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+    sample.add_argument("--out", required=True, help="PNG to write (the images side by side)")
+    cfg_options_argument(sample)
     sample.set_defaults(func=run_sample)
 
-    tiny = commands.add_parser("tiny", help="write a tiny random model of a family as a diffusers pipeline folder")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--family", default="flux", help="model family (model.backbone), e.g. flux")
-    tiny.add_argument("--seed", type=int, default=0)
+
+def add_tiny_parsers(commands: argparse._SubParsersAction) -> None:
+    tiny = commands.add_parser("tiny", help="write a tiny random model of a family (diffusers layout)",
+                               formatter_class=HelpFormatter)
+    tiny.add_argument("out_dir", help="folder to write the diffusers pipeline to")
+    tiny.add_argument("--family", default="flux", help="model family (model.backbone)")
+    tiny.add_argument("--seed", type=int, default=0, help="of the random weights")
     tiny.set_defaults(func=run_tiny)
-    tiny_flux = commands.add_parser("tiny-flux", help="the same as: tiny OUT_DIR --family flux")
-    tiny_flux.add_argument("out_dir")
-    tiny_flux.add_argument("--seed", type=int, default=0)
+    tiny_flux = commands.add_parser("tiny-flux", help="the same as: tiny OUT_DIR --family flux",
+                                    formatter_class=HelpFormatter)
+    tiny_flux.add_argument("out_dir", help="folder to write the diffusers pipeline to")
+    tiny_flux.add_argument("--seed", type=int, default=0, help="of the random weights")
     tiny_flux.set_defaults(func=run_tiny, family="flux")
 
-    demo = commands.add_parser("demo", help="distil the shipped scenes teacher on this machine and print the tables")
-    demo.add_argument("--config", default=DEMO_CONFIG)
-    demo.add_argument("--work-dir")
-    demo.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+
+def add_demo_parser(commands: argparse._SubParsersAction) -> None:
+    demo = commands.add_parser("demo", help="distil the shipped demo teacher here and print the tables",
+                               description=run_demo.__doc__, formatter_class=HelpFormatter)
+    demo.add_argument("--config", default=DEMO_CONFIG, help="demo config (found in the repository from any "
+                      "directory)")
+    demo.add_argument("--work-dir", help="put everything of the run here (default: work_dirs/{config name}, "
+                      "checkpoints in checkpoints/{config name}, under the current directory)")
+    cfg_options_argument(demo)
     demo.set_defaults(func=run_demo)
 
-    export = commands.add_parser("export", help="export a checkpoint's EMA student as a diffusers adapter folder")
-    add_export_arguments(export)
-    export.set_defaults(func=run_export)
 
-    generate = commands.add_parser("generate", help="generate with an exported adapter on its base model")
-    add_generate_arguments(generate)
-    generate.set_defaults(func=run_generate)
-
-    evaluation = commands.add_parser("eval", help="score a student against its teacher: FID-T, pFID, CLIP, "
-                                     "HPSv2, LPIPS, alignment, throughput (metrics.json)")
-    add_eval_arguments(evaluation)
-    evaluation.set_defaults(func=run_eval)
-
-    cache = commands.add_parser("cache", help="the prompt-embedding cache: 'verify CONFIG' checks every shard")
-    cache.add_argument("action", choices=["verify"])
-    cache.add_argument("config")
-    cache.add_argument("--cfg-options", nargs="+", action=DictAction, default={})
+def add_cache_parser(commands: argparse._SubParsersAction) -> None:
+    cache = commands.add_parser("cache", help="the prompt-embedding cache: verify CONFIG checks every shard",
+                                description=run_cache.__doc__, formatter_class=HelpFormatter)
+    cache.add_argument("action", choices=["verify"], help="what to do with the config's cache")
+    cache.add_argument("config", help="run config: its data.data_root holds the cache")
+    cfg_options_argument(cache)
     cache.set_defaults(func=run_cache)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """``arcflow`` and its commands, one line of help each."""
+    parser = argparse.ArgumentParser(prog="arcflow", description=__doc__, formatter_class=HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="distil a teacher into an ArcFlow student (tools/train.py)",
+                                description=run_train.__doc__, formatter_class=HelpFormatter)
+    add_train_arguments(train)
+    train.set_defaults(func=run_train)
+    add_sample_parser(commands)
+    add_tiny_parsers(commands)
+    add_demo_parser(commands)
+    export = commands.add_parser("export", help="export a checkpoint's EMA student as an adapter folder",
+                                 formatter_class=HelpFormatter)
+    add_export_arguments(export)
+    export.set_defaults(func=run_export)
+    generate = commands.add_parser("generate", help="generate with an exported adapter on its base model",
+                                   formatter_class=HelpFormatter)
+    add_generate_arguments(generate)
+    generate.set_defaults(func=run_generate)
+    evaluation = commands.add_parser("eval", help="score a student against its teacher (metrics.json)",
+                                     formatter_class=HelpFormatter)
+    add_eval_arguments(evaluation)
+    evaluation.set_defaults(func=run_eval)
+    add_cache_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     # Per-file "Loading weights" bars of transformers would bury the training progress bar.
     transformers.utils.logging.disable_progress_bar()

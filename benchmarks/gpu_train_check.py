@@ -141,7 +141,8 @@ def main() -> None:
         prompts.write_text("\n".join(f"prompt {i}" for i in range(512)))
         data = {f"data.{s}.{k}": v for s in ("train", "val")
                 for k, v in (("prompt_file", str(prompts)), ("height", SIZE), ("width", SIZE))}
-        base = resolve_dirs(load_config(args.config, {**data, "eval_interval": 0}), tmp)
+        # The random text encoder below stands in for on-the-fly embedding; no cache is read.
+        base = resolve_dirs(load_config(args.config, {**data, "eval_interval": 0, "data.cache": "never"}), tmp)
         if args.dry_run:
             backbone = build_random_backbone(base, torch.device("meta"))
             trainable = sum(p.numel() for _, p in backbone.trainable_named_parameters())

@@ -116,3 +116,16 @@ def test_gpu_train_check_builds_full_size_on_meta_and_counts_flops():
     assert all(p.dtype == torch.bfloat16 for p in backbone.parameters() if not p.requires_grad)
     # ~1.25e14 FLOPs per full-size forward at 1024^2; 16 forward-equivalents per prompt per iteration
     assert 1.8e15 < script.flops_per_iteration(cfg, batch=1) < 2.2e15
+
+
+def test_inference_speed_times_teacher_and_fused_and_unfused_student(capsys):
+    script = load_script("inference_speed")
+    figures = script.main(["--size", "32", "--teacher-steps", "3", "--repeats", "1", "--lora-rank", "4",
+                           "--num-modes", "2", "--unfused"])
+    rows = figures["rows"]
+    assert list(rows) == ["teacher, 3-step FluxPipeline", "ArcFlow student, 2 NFE, LoRA unfused",
+                          "ArcFlow student, 2 NFE"]
+    assert [row["transformer_calls"] for row in rows.values()] == [3, 2, 2]
+    assert all(row["cpu_seconds"] > 0 and row["seconds"] > 0 for row in rows.values())
+    assert figures["speedup_cpu_time"] > 0
+    assert "CPU time" in capsys.readouterr().out

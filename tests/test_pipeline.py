@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -46,11 +47,11 @@ def cond(setup):
     return backbone, text_encoder.encode(["a red circle", "two blue squares at the top"])
 
 
-def arcflux(tiny: Path, adapter: Path | None = None) -> ArcFluxPipeline:
+def arcflux(tiny: Path, adapter: Path | None = None, fuse: bool | None = None) -> ArcFluxPipeline:
     pipe = ArcFluxPipeline.from_pretrained(tiny)
     pipe.set_progress_bar_config(disable=True)
     if adapter is not None:
-        pipe.load_arcflow_adapter(adapter)
+        pipe.load_arcflow_adapter(adapter, fuse=fuse)
     return pipe
 
 
@@ -75,9 +76,14 @@ def test_matches_the_trainers_sampler(setup, cond, tiny_flux_dir):
     ours = latents_of(pipe, embeddings, noise, num_inference_steps=3, timestep_ratio=0.5)
     torch.testing.assert_close(ours, sample_student(backbone, noise, embeddings, 3, cfg.distill.shift, 0.5),
                                rtol=1e-5, atol=1e-5)
+    assert pipe.arcflow_fused and not any(isinstance(m, BaseTunerLayer) for m in pipe.transformer.modules())
+
+    unfused = arcflux(tiny_flux_dir, adapter, fuse=False)  # the LoRA as a diffusers adapter: same student
+    assert not unfused.arcflow_fused
+    torch.testing.assert_close(latents_of(unfused, embeddings, noise), default, rtol=1e-5, atol=1e-5)
     # The LoRA is live: at weight 0 the result changes.
-    pipe.set_adapters("arcflow", 0.0)
-    assert (latents_of(pipe, embeddings, noise) - default).abs().mean() > 1e-2
+    unfused.set_adapters("arcflow", 0.0)
+    assert (latents_of(unfused, embeddings, noise) - default).abs().mean() > 1e-2
 
 
 def test_exactly_n_transformer_calls(setup, tiny_flux_dir):
@@ -103,7 +109,7 @@ def test_exactly_n_transformer_calls(setup, tiny_flux_dir):
 
 def test_style_lora_mixes_with_the_student(setup, cond, tiny_flux_dir, tmp_path):
     _, embeddings = cond
-    pipe = arcflux(tiny_flux_dir, setup[2])
+    pipe = arcflux(tiny_flux_dir, setup[2], fuse=False)
     noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2))
     student = latents_of(pipe, embeddings, noise)
     generator = torch.Generator().manual_seed(3)
@@ -119,19 +125,35 @@ def test_style_lora_mixes_with_the_student(setup, cond, tiny_flux_dir, tmp_path)
     with pytest.raises(ValueError, match="'arcflow' LoRA is not active"):  # diffusers activates only the new one
         latents_of(pipe, embeddings, noise)
     pipe.set_adapters(["arcflow", "style"], [1.0, 0.8])
-    assert (latents_of(pipe, embeddings, noise) - student).abs().mean() > 1e-2
+    mixed = latents_of(pipe, embeddings, noise)
+    assert (mixed - student).abs().mean() > 1e-2
     pipe.set_adapters(["arcflow", "style"], [1.0, 0.0])
     torch.testing.assert_close(latents_of(pipe, embeddings, noise), student, rtol=0, atol=0)
 
     pipe.unload_arcflow_adapter()  # the style LoRA stays, on the plain teacher
     assert list(pipe.transformer.peft_config) == ["style"] and pipe.get_active_adapters() == ["style"]
+    with pytest.raises(ValueError, match=r"fuse=True needs the ArcFlow LoRA to be the only one, but \['style'\]"):
+        pipe.load_arcflow_adapter(setup[2], fuse=True)
+    pipe.load_arcflow_adapter(setup[2])
+    assert not pipe.arcflow_fused  # another LoRA is loaded: left unfused, so set_adapters can weight both
+
+    fused = arcflux(tiny_flux_dir, setup[2])  # fused, then a style LoRA applies on top of the student
+    fused.load_lora_weights(str(tmp_path / "style.safetensors"), adapter_name="style")
+    fused.set_adapters(["style"], [0.0])
+    torch.testing.assert_close(latents_of(fused, embeddings, noise), student, rtol=1e-5, atol=1e-5)
+    fused.set_adapters(["style"], [0.8])
+    torch.testing.assert_close(latents_of(fused, embeddings, noise), mixed, rtol=1e-5, atol=1e-5)
+    fused.unload_arcflow_adapter()
+    assert list(fused.transformer.peft_config) == ["style"]
 
 
-def test_unload_gives_back_the_teacher(setup, cond, tiny_flux_dir):
+@pytest.mark.parametrize("fuse", [True, False])
+def test_unload_gives_back_the_teacher(setup, cond, tiny_flux_dir, fuse):
     _, embeddings = cond
     pipe = arcflux(tiny_flux_dir)
     original = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    pipe.load_arcflow_adapter(setup[2])
+    pipe.load_arcflow_adapter(setup[2], fuse=fuse)
+    assert pipe.arcflow_fused == fuse
     noise = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(4))
     latents_of(pipe, embeddings, noise)
     pipe.unload_arcflow_adapter()

@@ -87,7 +87,9 @@ def test_logs_validation_and_sampling_from_a_checkpoint(tiny_flux_dir, tmp_path)
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert [image.step for image in events.Images("val/grid")] == [0, 2, 4]
-    assert "trainable parameters" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "trainable parameters" in log
+    assert "conditioning source: text encoder PretrainedFluxTextEncoder on the fly (data.cache='never')" in log
 
     # The checkpoint records what the student saw: T5 length 32, the prompt file's sizes, most frequent first.
     rows = [json.loads(line) for line in (REPO / "assets/demo/prompts.jsonl").read_text().splitlines()][:-8]

@@ -14,7 +14,8 @@ Where the conditioning comes from is decided once per run by :func:`embedding_so
       encoder the cache was built with (else an error: the two paths would differ);
     - cache started but not complete: an error (finish it by rerunning the cache tool, or set
       ``data.cache='never'``): silently embedding on the fly would hide an unfinished job;
-    - no cache, ``model.text_encoder`` set (the seed's switch): embed on the fly;
+    - no cache, ``model.text_encoder`` set (the seed's switch: the commented lines in the training
+      base config, ``configs/*/_ddp_train.py``): embed on the fly;
     - neither: an error naming both ways out.
 """
 
@@ -100,8 +101,9 @@ def embedding_source(cfg: RunConfig) -> str:
                                 f"(re)run {CACHE_TOOL} to finish it, or set data.cache='never' to embed on the fly")
     if cfg.model.text_encoder is None:
         raise FileNotFoundError(f"no prompt-embedding cache {where} and no model.text_encoder: build the cache "
-                                f"({CACHE_TOOL}), or add text_encoder=dict(type='{text_encoder_type(cfg.model)}') to "
-                                "model in the config to embed prompts on the fly")
+                                f"({CACHE_TOOL}), or embed prompts on the fly: uncomment text_encoder=dict(type="
+                                f"'{text_encoder_type(cfg.model)}') in the model dict of the training base config "
+                                "(e.g. configs/flux/_ddp_train.py)")
     return "encoder"
 
 
@@ -189,13 +191,15 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
 
         def condition(rows: np.ndarray, prompts: list[Prompt]) -> Conditioning:
             return encode([p.text for p in prompts])
-        where = f"text encoder {text_encoder_type(cfg.model)} on the fly (no complete cache under {cfg.data.data_root!r})"
+        why = "data.cache='never'" if cfg.data.cache == "never" else f"no cache under {cfg.data.data_root!r}"
+        where = f"text encoder {text_encoder_type(cfg.model)} on the fly ({why})"
         text_length = getattr(encoder, "max_sequence_length", None)
     table = _sized(table, split)
     buckets = np.tile(bucket_ids(table.heights, table.widths), split.repeat)
     sampler = BucketBatchSampler(buckets, cfg.train_cfg.batch_size, seed, rank, world_size)
-    log.info("training prompts: %d (x%d), %d size buckets, %d batches per epoch; conditioning from %s",
-             len(table), split.repeat, int(buckets.max()) + 1, sampler.batches_per_epoch, where)
+    log.info("conditioning source: %s", where)
+    log.info("training prompts: %d (x%d), %d size buckets, %d batches per epoch", len(table), split.repeat,
+             int(buckets.max()) + 1, sampler.batches_per_epoch)
     return TrainData(table, sampler, condition, source, encoder, text_length)
 
 

@@ -42,7 +42,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         "diffusers folder")
     parser.add_argument("--adapter", required=True, help="ArcFlow adapter folder (arcflow export) or hub id")
     parser.add_argument("--prompt", nargs="+", default=[], help="one or more prompts (default: none)")
-    parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with prompt and optional height/width")
+    parser.add_argument("--prompts-file", help="one prompt per line, or .jsonl with prompt and optional height/width "
+                        "(default: none)")
     parser.add_argument("--nfe", type=int, help="student evaluations per image, >= 2 (default: the adapter's)")
     parser.add_argument("--timestep-ratio", type=float, help="last segment's share (default: the adapter's)")
     parser.add_argument("--height", type=int, help="image height (default: the adapter's most frequent training size)")

@@ -15,7 +15,6 @@ import json
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -120,9 +119,7 @@ def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, 
                                   cfg.model.lora_rank, family.backbone.lora_targets)
     _check_against_config({key: shape for key, (shape, _) in found.items()}, expected, cfg, path)
     ema = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in found.items()}
-    with warnings.catch_warnings():  # DCP notes that it runs without a process group: intended here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        state = ckpt.load_checkpoint(path, {"ema": ema})
+    state = ckpt.load_checkpoint(path, {"ema": ema})
     return ema, int(state["iteration"])
 
 

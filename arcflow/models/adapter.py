@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from huggingface_hub import hf_hub_download
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import Tensor, nn
 
 from arcflow.models.base import ADAPTER_NAME, OutputSwitch, student_output_layers
 
@@ -209,26 +211,67 @@ def _check_lora_rank(path: Path, rank: int) -> None:
         raise ValueError(f"'{path}' has LoRA rank {sorted(ranks)}, but {CONFIG_FILE} says lora_rank={rank}")
 
 
+def _fuse_lora(transformer: nn.Module) -> list[tuple[nn.Module, Tensor]]:
+    """Merge the "arcflow" LoRA into its base layers' weights (float32 sum) and drop it from peft.
+
+    Returns each changed base layer with a CPU copy of its original weight, so the merge can be
+    undone exactly (subtracting the delta again would not give back bf16 weights bit for bit).
+    """
+    kept = []
+    for module in transformer.modules():
+        if isinstance(module, BaseTunerLayer) and ADAPTER_NAME in getattr(module, "lora_A", {}):
+            base = module.get_base_layer()
+            weight = base.weight
+            kept.append((base, weight.detach().to("cpu", copy=True)))
+            delta = module.lora_B[ADAPTER_NAME].weight.float() @ module.lora_A[ADAPTER_NAME].weight.float()
+            weight.data.copy_(weight.float() + delta.to(weight.device) * module.scaling[ADAPTER_NAME])
+    transformer.delete_adapters(ADAPTER_NAME)
+    if not getattr(transformer, "peft_config", None):
+        transformer.unload_lora()  # no LoRA left: peft's wrappers go too, so a call runs plain Linear layers
+    return kept
+
+
 class ArcFlowAdapterMixin:
     """``load_arcflow_adapter``/``unload_arcflow_adapter`` for a diffusers pipeline whose transformer ends in
     ``norm_out`` -> ``proj_out`` (every family we distil); the family's pipeline adds ``__call__``.
 
     The student is made in place on the pipeline's own transformer: its LoRA is loaded by
-    diffusers under the adapter name ``"arcflow"`` (so ``set_adapters`` can mix it with style
-    LoRAs), and the teacher's ``norm_out``/``proj_out`` are put behind the same switch the
-    trainer uses, next to the student's norm_out and ArcFlow heads. No second copy of the
-    teacher exists, and ``unload_arcflow_adapter`` gives it back weight for weight.
+    diffusers under the adapter name ``"arcflow"``, and the teacher's ``norm_out``/``proj_out`` are
+    put behind the same switch the trainer uses, next to the student's norm_out and ArcFlow heads.
+    When it is the only LoRA, it is fused into the base weights (no LoRA branch runs per call); left
+    unfused, ``set_adapters`` can weight it against style LoRAs. No second copy of the teacher is
+    on the accelerator, and ``unload_arcflow_adapter`` gives it back weight for weight.
     """
 
     arcflow_config: AdapterConfig | None = None
     """The loaded adapter's settings; None while the transformer is the plain teacher."""
     _arcflow_warned: frozenset[str] = frozenset()
     """Settings already warned about for the loaded adapter (each warns once)."""
+    _arcflow_unfused: list[tuple[nn.Module, Tensor]] | None = None
+    """While the LoRA is fused: each merged base layer and its original weight (on the CPU)."""
 
-    def load_arcflow_adapter(self, path_or_hub_id: str | Path, subfolder: str | None = None) -> AdapterConfig:
-        """Turn the transformer into the student in place, from an ``arcflow export`` folder or hub repo."""
+    @property
+    def arcflow_fused(self) -> bool:
+        """Whether the loaded ArcFlow LoRA is merged into the base weights."""
+        return self._arcflow_unfused is not None
+
+    def load_arcflow_adapter(self, path_or_hub_id: str | Path, subfolder: str | None = None,
+                             fuse: bool | None = None) -> AdapterConfig:
+        """Turn the transformer into the student in place, from an ``arcflow export`` folder or hub repo.
+
+        ``fuse`` (default: when no other LoRA is loaded) merges the LoRA into the weights it adapts:
+        each call is then the plain transformer's cost. The original weights of those layers are kept
+        in CPU memory for :meth:`unload_arcflow_adapter`. A LoRA loaded afterwards applies on top of
+        the fused student; ``fuse=False`` keeps it a diffusers adapter named "arcflow" instead.
+        """
         if self.arcflow_config is not None:
             raise ValueError("an ArcFlow adapter is already loaded; call unload_arcflow_adapter() first")
+        transformer = self.transformer
+        others = sorted(getattr(transformer, "peft_config", None) or {})
+        if fuse and others:
+            raise ValueError(f"fuse=True needs the ArcFlow LoRA to be the only one, but {others} are loaded; "
+                             "load it with fuse=False to mix them with set_adapters")
+        fuse = not others if fuse is None else fuse
         config = AdapterConfig.load(adapter_file(path_or_hub_id, CONFIG_FILE, subfolder))
         if config.format_version < 2:
             warnings.warn(f"ArcFlow adapter '{path_or_hub_id}' (format {config.format_version}) does not record the "
@@ -237,7 +280,6 @@ class ArcFlowAdapterMixin:
         heads_path = adapter_file(path_or_hub_id, HEADS_FILE, subfolder)
         lora_path = adapter_file(path_or_hub_id, LORA_FILE, subfolder)
         _check_lora_rank(lora_path, config.lora_rank)
-        transformer = self.transformer
         layers = student_output_layers(transformer, config.num_modes)
         tensors = load_file(heads_path)
         check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
@@ -250,6 +292,7 @@ class ArcFlowAdapterMixin:
         # The transformer's own loader (not load_lora_weights): the file holds no text-encoder LoRA.
         transformer.load_lora_adapter(str(lora_path), prefix="transformer", adapter_name=ADAPTER_NAME,
                                       use_safetensors=True, low_cpu_mem_usage=True, _pipeline=self)
+        self._arcflow_unfused = _fuse_lora(transformer) if fuse else None
         for name, student in (("norm_out", layers["norm_out"]), ("proj_out", layers["heads"])):
             switch = OutputSwitch(getattr(transformer, name), student)
             switch.use_student = True
@@ -257,6 +300,15 @@ class ArcFlowAdapterMixin:
         self.arcflow_config = config
         self._arcflow_warned = frozenset()
         return config
+
+    def check_arcflow_active(self) -> None:
+        """An unfused ArcFlow LoRA must be among the active adapters (diffusers activates only the newest)."""
+        if self.arcflow_fused:
+            return
+        active = self.get_active_adapters()
+        if ADAPTER_NAME not in active:
+            raise ValueError(f"the '{ADAPTER_NAME}' LoRA is not active (active: {active}); "
+                             f"include it, e.g. set_adapters(['{ADAPTER_NAME}', ...])")
 
     def warn_outside_training(self, **request: Any) -> None:
         """Warn once per setting when a call asks for what the student was not trained with
@@ -274,9 +326,14 @@ class ArcFlowAdapterMixin:
         transformer = self.transformer
         transformer.norm_out = transformer.norm_out.teacher
         transformer.proj_out = transformer.proj_out.teacher
-        transformer.delete_adapters(ADAPTER_NAME)
-        if not getattr(transformer, "peft_config", None):
-            transformer.unload_lora()  # no other LoRA left: drop peft's wrappers too, restoring the module tree
+        if self._arcflow_unfused is not None:
+            for base, original in self._arcflow_unfused:
+                base.weight.data.copy_(original)
+            self._arcflow_unfused = None
+        else:
+            transformer.delete_adapters(ADAPTER_NAME)
+            if not getattr(transformer, "peft_config", None):
+                transformer.unload_lora()  # no other LoRA left: drop peft's wrappers too, restoring the module tree
         self.arcflow_config = None
 
     def save_pretrained(self, *args: Any, **kwargs: Any) -> None:

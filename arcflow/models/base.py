@@ -135,6 +135,9 @@ class Backbone(nn.Module, ABC):
     latent_channels: int
     vae_scale_factor: int
     """Pixels per latent pixel along each side."""
+    view_outputs_checked: ClassVar[tuple[str, ...]] = ()
+    """Class names of shard units that return views of one tensor, checked never to be modified in place
+    by their callers (so FSDP2's warning about them is silenced; see training/parallel.py)."""
 
     @abstractmethod
     def teacher_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:

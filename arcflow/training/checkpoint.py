@@ -18,10 +18,13 @@ import json
 import pickle
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -54,6 +57,16 @@ def check_metadata(path: Path) -> None:
         raise ValueError(f"checkpoint '{path}/.metadata' is not a plain DCP index ({err}); not loading it") from None
 
 
+@contextmanager
+def _quiet_without_process_group() -> Iterator[None]:
+    """DCP warns on each save/load without a process group; for a one-process run (the demo, sample,
+    export) that is the intent, so the warning is dropped there and only there."""
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],
                     env: DistEnv) -> Path:
     """Collective: every rank passes its (sharded) tensors; rank 0 adds ``state`` and publishes."""
@@ -64,7 +77,8 @@ def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[st
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
     env.barrier()
-    dcp.save(tensors, checkpoint_id=str(tmp))
+    with _quiet_without_process_group():
+        dcp.save(tensors, checkpoint_id=str(tmp))
     env.barrier()
     if env.is_main:
         (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
@@ -82,7 +96,8 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]
         raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing {STATE_FILE}")
     check_metadata(path)
     try:
-        dcp.load(tensors, checkpoint_id=str(path))
+        with _quiet_without_process_group():
+            dcp.load(tensors, checkpoint_id=str(path))
     except (RuntimeError, CheckpointException) as err:  # e.g. a key the checkpoint lacks
         raise ValueError(f"checkpoint '{path}' does not fit this model: {err}") from None
     return json.loads((path / STATE_FILE).read_text())

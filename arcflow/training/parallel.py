@@ -9,6 +9,8 @@ forward gathers the same shards the student uses.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -20,6 +22,7 @@ from arcflow.distributed import DistEnv
 from arcflow.models.base import Backbone
 
 PARALLEL_MODES = ("ddp", "fsdp")
+_DDP_ARGS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 
 def parallelize(backbone: Backbone, mode: str, env: DistEnv, compute_dtype: torch.dtype) -> nn.Module:
@@ -27,6 +30,11 @@ def parallelize(backbone: Backbone, mode: str, env: DistEnv, compute_dtype: torc
     if mode not in PARALLEL_MODES:
         raise ValueError(f"config key 'train_cfg.parallel': expected one of {PARALLEL_MODES}, got {mode!r}")
     if mode == "fsdp":
+        # FSDP2 warns when a unit returns a view (an in-place op on it would skip the unit's pre-backward
+        # all-gather). The blocks a backbone lists as checked return views that nothing modifies in place:
+        # tests/test_distributed.py shows FSDP2 giving one process's update.
+        for name in backbone.view_outputs_checked:
+            warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \(FSDP{name}\) returned a view tensor")
         # Sharding pays off (and is required for the memory budget) even on one rank.
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in backbone.shard_units():
@@ -39,8 +47,10 @@ def parallelize(backbone: Backbone, mode: str, env: DistEnv, compute_dtype: torc
     frozen += [name for name, _ in backbone.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(backbone, frozen)
     device_ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(backbone, device_ids=device_ids, broadcast_buffers=False,
-                                   gradient_as_bucket_view=True)
+    # No buffer is synchronised in forward (they are frozen and ignored above); torch >= 2.13 names the flag
+    # forward_sync_buffers and deprecates broadcast_buffers.
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS else {"broadcast_buffers": False}
+    return DistributedDataParallel(backbone, device_ids=device_ids, gradient_as_bucket_view=True, **no_sync)
 
 
 def shard_text_encoder(text_encoder: nn.Module, env: DistEnv) -> None:

@@ -1,9 +1,11 @@
 # `arcflow demo`: the demo recipe on the shipped trained teacher (assets/demo_teacher, 64x64 synthetic
 # scenes, 16 image tokens; made by `python tools/train_demo_teacher.py assets/demo_teacher`).
 # Its prompt file lists the training captions, then 8 held-out ones for validation.
-_base_ = ['./arcflux_tiny_2nfe.py']
+# FSDP: replace './_ddp_train.py' with './_fsdp_train.py' below.
+_base_ = ['../flux/_arcflow_recipe.py', './_ddp_train.py', './_data_trainval.py']
 
-model = dict(pretrained='assets/demo_teacher')
+model = dict(pretrained='assets/demo_teacher', num_modes=16, lora_rank=8, lora_alpha=8)
+distill = dict(nfe=2, teacher_ratio_decay_iters=100)
 data = dict(
     source='assets/demo_teacher/prompts.jsonl',
     data_root='data/demo/preproc_demo_teacher/',

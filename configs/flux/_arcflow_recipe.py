@@ -1,15 +1,5 @@
-# The ArcFlow recipe on FLUX.1-dev (SPEC §2-§4): model, adapters and the imitation rollout.
-model = dict(
-    backbone='flux',
-    pretrained='black-forest-labs/FLUX.1-dev',  # hub id or a local diffusers folder
-    num_modes=16,
-    lora_rank=256,
-    lora_alpha=256,
-    lora_dropout=0.05,
-    guidance=3.5,
-    dtype='bfloat16',  # frozen weights and compute; trainable parameters stay float32
-    gradient_checkpointing=True)
-
+# The ArcFlow imitation rollout of the reference FLUX.1-dev run (SPEC §3-§4). The model's recipe
+# (K, LoRA, guidance) is in the leaf config; how it trains (precision, memory) in _ddp_train.py.
 distill = dict(
     nfe=2,
     timestep_ratio=1.0,

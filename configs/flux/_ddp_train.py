@@ -1,4 +1,13 @@
 # Training schedule of the reference FLUX.1-dev run (SPEC §4), one process per GPU under DDP.
+model = dict(
+    dtype='bfloat16',  # frozen weights and compute; trainable parameters stay float32
+    gradient_checkpointing=True,
+    # Prompts are read from the embedding cache (tools/cache_image_prompt_data.py, data.data_root).
+    # uncomment the following to use text encoder when training (prompts embedded on the fly, no cache)
+    # text_encoder=dict(
+    #     type='PretrainedFluxTextEncoder'
+    # ),
+)
 optimizer = dict(
     type='AdamW8bit',  # bitsandbytes on CUDA; torch AdamW elsewhere
     lr=1e-4,

@@ -3,7 +3,11 @@
 _base_ = ['./_arcflow_recipe.py', './_ddp_train.py', './_data_trainval.py']
 
 model = dict(
+    backbone='flux',
+    pretrained='black-forest-labs/FLUX.1-dev',  # hub id or a local diffusers folder
     num_modes=16,
-    # Prompts are embedded on the fly by FLUX's CLIP + T5 encoders.
-    text_encoder=dict(type='PretrainedFluxTextEncoder', max_sequence_length=512))
+    lora_rank=256,
+    lora_alpha=256,
+    lora_dropout=0.05,
+    guidance=3.5)
 distill = dict(nfe=2)

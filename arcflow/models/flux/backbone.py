@@ -36,6 +36,9 @@ class FluxBackbone(TransformerBackbone):
     transformer_class = FluxTransformer2DModel
     lora_targets = LORA_TARGETS
     block_lists = ("transformer_blocks", "single_transformer_blocks")
+    # A single-stream block returns its text and image halves as slices of one tensor; the next block
+    # concatenates them again and norm_out reads the image half, both out of place.
+    view_outputs_checked = ("FluxSingleTransformerBlock",)
 
     def __init__(self, transformer: FluxTransformer2DModel, num_modes: int = 16, lora_rank: int = 256,
                  lora_alpha: float = 256, lora_dropout: float = 0.05, guidance: float = 3.5,

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
 from arcflow.models.adapter import ArcFlowAdapterMixin
-from arcflow.models.base import ADAPTER_NAME, pack, policy_from_tokens, unpack
+from arcflow.models.base import pack, policy_from_tokens, unpack
 
 TEACHER_DEFAULT_STEPS = 28
 """FluxPipeline's default, used when no adapter is loaded."""
@@ -84,10 +84,7 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         if teacher_kwargs:
             raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student")
         config = self.arcflow_config
-        active = self.get_active_adapters()
-        if ADAPTER_NAME not in active:
-            raise ValueError(f"the '{ADAPTER_NAME}' LoRA is not active (active: {active}); "
-                             f"include it, e.g. set_adapters(['{ADAPTER_NAME}', ...])")
+        self.check_arcflow_active()
         num_steps = config.nfe if num_inference_steps is None else num_inference_steps
         if num_steps < 2:
             raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
