@@ -296,6 +296,34 @@ def add_cache_parser(commands: argparse._SubParsersAction) -> None:
     cache.set_defaults(func=run_cache)
 
 
+DEMO_ADAPTER = "adapters/arcflux-demo"
+"""Where the README's export writes the demo's adapter."""
+
+
+def run_app(args: argparse.Namespace) -> None:
+    """Serve a local web page (Gradio) to try the student against its teacher: prompt, seed, size, NFE,
+    a student/teacher toggle, and how long each image took."""
+    from arcflow.inference.app import serve
+
+    if args.adapter == DEMO_ADAPTER and not Path(args.adapter).is_dir():
+        raise SystemExit(f"no adapter at {DEMO_ADAPTER}: run `arcflow demo`, then export it (see the README: "
+                         "python tools/export_arcflow_to_diffusers.py ...), or pass --adapter")
+    serve(_in_repository(args.base), args.adapter, args.host, args.port, args.device, args.dtype)
+
+
+def add_app_parser(commands: argparse._SubParsersAction) -> None:
+    app = commands.add_parser("app", help="a local web page to try the student against its teacher",
+                              description=run_app.__doc__, formatter_class=HelpFormatter)
+    app.add_argument("--base", default="assets/demo_teacher", help="base model: hub id or diffusers folder")
+    app.add_argument("--adapter", default=DEMO_ADAPTER, help="ArcFlow adapter folder (arcflow export) or hub id")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on")
+    app.add_argument("--port", type=int, default=7860, help="port to serve on")
+    app.add_argument("--device", help="default: cuda if available, else cpu")
+    app.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                     help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
+    app.set_defaults(func=run_app)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``arcflow`` and its commands, one line of help each."""
     parser = argparse.ArgumentParser(prog="arcflow", description=__doc__, formatter_class=HelpFormatter)
@@ -321,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(evaluation)
     evaluation.set_defaults(func=run_eval)
     add_cache_parser(commands)
+    add_app_parser(commands)
     return parser
 
 
