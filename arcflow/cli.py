@@ -17,6 +17,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from arcflow.config import RunConfig, load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
 from arcflow.inference.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
+from arcflow.models.hub import ModelUnavailable, reports_unavailable_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package runs from (installed with ``pip install -e .``): configs/ and assets/ are there."""
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 @record
+@reports_unavailable_model
 def run_train(args: argparse.Namespace) -> RunConfig:
     """Train on this process's rank; a failure is reported with the rank before the job stops."""
     from arcflow.training.trainer import Trainer
@@ -86,7 +88,7 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     try:
         Trainer(cfg, env, seed_offset=env.rank if args.diff_seed else 0).fit()
     except BaseException as err:
-        if isinstance(err, Exception):
+        if isinstance(err, Exception) and not isinstance(err, ModelUnavailable):
             print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
                   file=sys.stderr, flush=True)
         destroy_distributed(graceful=False)
@@ -95,6 +97,7 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+@reports_unavailable_model
 def run_sample(args: argparse.Namespace) -> None:
     """Sample a training checkpoint's EMA student with the trainer's own sampler; settings left out are the
     ones it was trained with (NFE, image size, text length)."""
@@ -197,6 +200,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @record
+@reports_unavailable_model
 def run_eval(args: argparse.Namespace) -> dict | None:
     """Evaluate a student (or a teacher baseline) with the protocol of arcflow.evaluation on every rank."""
     from arcflow.evaluation.protocol import evaluate, plan_candidate
@@ -214,7 +218,7 @@ def run_eval(args: argparse.Namespace) -> dict | None:
         command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
         result = evaluate(cfg, env, candidate, load, work_dir, command=command)
     except BaseException as err:
-        if isinstance(err, Exception):
+        if isinstance(err, Exception) and not isinstance(err, ModelUnavailable):
             print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",
                   file=sys.stderr, flush=True)
         destroy_distributed(graceful=False)
@@ -300,6 +304,7 @@ DEMO_ADAPTER = "adapters/arcflux-demo"
 """Where the README's export writes the demo's adapter."""
 
 
+@reports_unavailable_model
 def run_app(args: argparse.Namespace) -> None:
     """Serve a local web page (Gradio) to try the student against its teacher: prompt, seed, size, NFE,
     a student/teacher toggle, and how long each image took."""

@@ -29,6 +29,7 @@ from arcflow.data.embedding_cache import (SPLITS, CacheError, cache_split, descr
 from arcflow.data.prompt_sources import PromptTable, load_prompt_table
 from arcflow.distributed import DistEnv, destroy_distributed, init_distributed
 from arcflow.models import build_text_encoder, text_encoder_type
+from arcflow.models.hub import reports_unavailable_model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,4 +140,4 @@ def run(args: argparse.Namespace, env: DistEnv) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(reports_unavailable_model(main)())

@@ -18,6 +18,7 @@ import torch
 
 from arcflow.models import get_family
 from arcflow.models.adapter import CONFIG_FILE, AdapterConfig, adapter_file
+from arcflow.models.hub import require_pretrained
 
 STUDENT, TEACHER = "ArcFlow student", "teacher"
 TEACHER_STEPS = 50
@@ -39,6 +40,7 @@ class Playground:
         torch_dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
         self.adapter = adapter
         self.config = AdapterConfig.load(adapter_file(adapter, CONFIG_FILE))
+        require_pretrained(base, "--base")
         self.pipe = get_family(self.config.family).pipeline.from_pretrained(base, dtype=torch_dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.load_arcflow_adapter(adapter)

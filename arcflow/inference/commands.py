@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mmengine.config import DictAction
 
+from arcflow.models.hub import reports_unavailable_model
+
 SIZE_MULTIPLE = 16
 """FLUX image sides: 8x VAE downsampling, then 2x2 patches."""
 
@@ -110,6 +112,7 @@ def _prompts(args: argparse.Namespace) -> list[Prompt]:
     return prompts
 
 
+@reports_unavailable_model
 def run_generate(args: argparse.Namespace) -> Path:
     from arcflow.inference.generate import generate_grid
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from arcflow.config import ModelConfig, TextEncoderConfig
 from arcflow.models.base import Backbone, Conditioning, Family
+from arcflow.models.hub import require_pretrained
 
 FAMILIES: dict[str, str] = {
     "flux": "arcflow.models.flux",
@@ -45,6 +46,7 @@ def family_of_pretrained(pretrained: str | Path) -> Family | None:
 
 def build_backbone(cfg: ModelConfig, device: torch.device, head_seed: int = 0) -> Backbone:
     """The configured teacher, with the student built on it (frozen weights in ``cfg.dtype``)."""
+    require_pretrained(cfg.pretrained)
     return get_family(cfg.backbone).backbone.from_config(cfg, device, head_seed)
 
 
@@ -57,6 +59,8 @@ def text_encoder_type(model: ModelConfig) -> str:
 def build_text_encoder(model: ModelConfig) -> nn.Module:
     """The configured text encoder; by default the family's, from the same hub id or folder as the model."""
     cfg = model.text_encoder or TextEncoderConfig()
+    require_pretrained(cfg.pretrained or model.pretrained,
+                       "model.text_encoder.pretrained" if cfg.pretrained else "model.pretrained")
     return get_family(model.backbone).build_text_encoder(
         text_encoder_type(model), pretrained=cfg.pretrained or model.pretrained, max_sequence_length=cfg.max_sequence_length,
         torch_dtype=cfg.dtype or model.dtype)
