@@ -225,7 +225,7 @@ class EvalConfig:
     download_weights: bool = False
     """Let the metric libraries download missing weights (off: only weights already on this machine count)."""
     hooks: tuple[str, ...] = ()
-    """Extra per-image metrics, ``'module:function'`` (see arcflow.evaluation.metrics.HookMetric)."""
+    """Extra per-image metrics, ``'module:function'`` (see arcflow.metrics.suite.HookMetric)."""
     grid_prompts: int = 8
 
     def __post_init__(self) -> None:

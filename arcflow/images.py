@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
@@ -22,6 +23,18 @@ def psnr(images: Tensor, reference: Tensor) -> Tensor:
     """Per-image PSNR in dB of images in [0, 1]: (B,)."""
     mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> uint8 on the CPU, rounded as a PNG stores it."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
+def read_png(path: Path) -> Tensor:
+    """A PNG as a uint8 (3, H, W) tensor."""
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def to_pil(image: Tensor) -> Image.Image:

@@ -19,9 +19,9 @@ from arcflow.cli import main
 from arcflow.config import EvalConfig, load_config, resolve_dirs
 from arcflow.demo import synthetic
 from arcflow.demo.scene_eval import held_out_captions, prompt_accuracy
-from arcflow.evaluation.metrics import AlignmentMetric, MetricSuite, Pairs
 from arcflow.evaluation.report import STANDARD_METRICS
 from arcflow.evaluation.store import ImageStore, make_items, noise_for
+from arcflow.metrics.suite import AlignmentMetric, MetricSuite, Pairs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"

@@ -31,8 +31,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from arcflow.cli import main  # noqa: E402
 from arcflow.config import EvalConfig  # noqa: E402
-from arcflow.evaluation import networks  # noqa: E402
-from arcflow.evaluation.metrics import MetricSuite, MetricUnavailable, Pairs, frechet_distance  # noqa: E402
+from arcflow.metrics import networks  # noqa: E402
+from arcflow.metrics.suite import MetricSuite, MetricUnavailable, Pairs, frechet_distance  # noqa: E402
 
 TINY_CLIP = {"embed_dim": 32, "quick_gelu": True,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},

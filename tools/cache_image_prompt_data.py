@@ -27,7 +27,7 @@ from arcflow.config import RunConfig, load_config
 from arcflow.data.embedding_cache import (SPLITS, CacheError, cache_split, describe_split, human_bytes, make_plan,
                                           split_dir, storage_estimate)
 from arcflow.data.prompt_sources import PromptTable, load_prompt_table
-from arcflow.distributed import DistEnv, destroy_distributed, init_distributed
+from arcflow.distributed import DistEnv, all_reduce_max, destroy_distributed, init_distributed
 from arcflow.models import build_text_encoder, text_encoder_type
 from arcflow.models.hub import reports_unavailable_model
 
@@ -73,9 +73,16 @@ def load_tables(cfg: RunConfig, env: DistEnv) -> dict[str, PromptTable]:
     """Rank 0 reads (downloads, converts) the prompt set first; the others then hit datasets' local cache."""
     tables: dict[str, PromptTable] = {}
     for turn in (0, 1):
+        failure = None
         if env.is_main == (turn == 0):
-            tables = {name: load_prompt_table(getattr(cfg.data, name), f"data.{name}") for name in SPLITS}
-        env.barrier()
+            try:
+                tables = {name: load_prompt_table(getattr(cfg.data, name), f"data.{name}") for name in SPLITS}
+            except (ValueError, FileNotFoundError) as err:
+                failure = err
+        if all_reduce_max(float(failure is not None), env):  # a prompt set rank 0 cannot read: it alone says so
+            if failure is not None:
+                raise failure
+            raise SystemExit(1)
     return tables
 
 

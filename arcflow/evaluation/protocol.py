@@ -35,10 +35,11 @@ from tqdm import tqdm
 from arcflow.config import PromptsConfig, RunConfig, torch_dtype
 from arcflow.data.prompt_sources import load_prompt_table
 from arcflow.distributed import DistEnv
-from arcflow.evaluation.metrics import GROUP_NAMES, MetricSuite, Pairs
 from arcflow.evaluation.report import STANDARD_METRICS, markdown_table, write_outputs
-from arcflow.evaluation.store import EvalItem, ImageStore, make_items, noise_for, store_key_folder, to_uint8
+from arcflow.evaluation.store import EvalItem, ImageStore, make_items, noise_for, store_key_folder
+from arcflow.images import to_uint8
 from arcflow.method.sampling import sample_student, sample_teacher
+from arcflow.metrics.suite import GROUP_NAMES, MetricSuite, Pairs
 from arcflow.models import get_family, text_encoder_type
 from arcflow.models.adapter import CONFIG_FILE, AdapterConfig, adapter_file
 from arcflow.models.base import Backbone, Conditioning

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from arcflow.evaluation.store import EvalItem, ImageStore, read_png
-from arcflow.images import save_grid
+from arcflow.evaluation.store import EvalItem, ImageStore
+from arcflow.images import read_png, save_grid
 
 STANDARD_METRICS = ("fid_teacher", "pfid_teacher", "fid_real", "clip_score", "hpsv2", "image_reward", "latent_mse",
                     "psnr", "lpips", "images_per_s_student", "images_per_s_teacher", "prompt_accuracy")

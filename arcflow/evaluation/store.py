@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from arcflow.images import read_png
 
 KEY_FILE = "key.json"
 LATENT_SUFFIX = ".latent.safetensors"
@@ -70,18 +71,6 @@ def make_items(prompts: list[tuple[str, int, int]]) -> list[EvalItem]:
 def noise_for(item: EvalItem, seed: int, shape: tuple[int, ...]) -> Tensor:
     """The fixed noise of ``item`` (drawn on the CPU, so it is the same on every device)."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(item.noise_seed(seed)))
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> uint8 on the CPU, rounded as a PNG stores it."""
-    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-
-
-def read_png(path: Path) -> Tensor:
-    """A PNG as a uint8 (3, H, W) tensor."""
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 class ImageStore:

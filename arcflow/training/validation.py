@@ -18,10 +18,9 @@ from torch import Tensor, nn
 
 from arcflow.config import DistillConfig, EvalConfig, ValConfig
 from arcflow.data.batches import Prompt
-from arcflow.evaluation.metrics import MetricSuite, Pairs
-from arcflow.evaluation.store import to_uint8
-from arcflow.images import psnr, save_grid
+from arcflow.images import psnr, save_grid, to_uint8
 from arcflow.method.sampling import sample_student, sample_teacher
+from arcflow.metrics.suite import MetricSuite, Pairs
 from arcflow.models.base import Backbone, Conditioning
 
 EncodeFn = Callable[[list[str]], Conditioning]

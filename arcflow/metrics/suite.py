@@ -3,7 +3,7 @@
 Each metric turns a batch of pairs into per-image rows (features or scores, on the CPU), so
 ranks can each score their own share and one rank reduces everything at the end. The
 networks are the maintained libraries' own (torch-fidelity's Inception for FID, open_clip,
-lpips, hpsv2, ImageReward, built in :mod:`arcflow.evaluation.networks`); what they cannot do
+lpips, hpsv2, ImageReward, built in :mod:`arcflow.metrics.networks`); what they cannot do
 for us here (the Fréchet distance of two feature sets) is torch-fidelity's function too.
 
 A metric that cannot be computed (library not installed, weights not on this machine, too few
@@ -239,7 +239,7 @@ class MetricSuite:
     @classmethod
     def build(cls, cfg: EvalConfig, groups: tuple[str, ...], device: torch.device) -> "MetricSuite":
         """Load each group's network; a group that cannot load is recorded with its reason."""
-        from arcflow.evaluation import networks
+        from arcflow.metrics import networks
 
         builders: dict[str, Callable[[], Metric]] = {
             "alignment": AlignmentMetric,

@@ -23,8 +23,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from arcflow.config import EvalConfig
-from arcflow.evaluation.metrics import FIDMetric, MetricUnavailable
-from arcflow.evaluation.store import read_png
+from arcflow.images import read_png
+from arcflow.metrics.suite import FIDMetric, MetricUnavailable
 
 INSTALL_HINT = "pip install 'arcflow[eval]'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
