@@ -19,13 +19,14 @@ BUCKETS = np.array([0] * 11 + [1] * 7 + [2] * 2 + [3] * 5)  # 25 items; bucket 2
 
 
 def run(world_size: int, steps: int, state: dict | None = None, batch_size: int = 3) -> tuple[list, list[dict]]:
-    """``steps`` steps on ``world_size`` ranks: the batches in (step, rank) order, and every rank's final state."""
+    """``steps`` steps on ``world_size`` ranks: each step's global batch (the ranks' rows in rank order), and
+    every rank's final state."""
     samplers = [BucketBatchSampler(BUCKETS, batch_size, seed=7, rank=r, world_size=world_size)
                 for r in range(world_size)]
     for sampler in samplers:
         if state is not None:
             sampler.load_state_dict(json.loads(json.dumps(state)))
-    batches = [sampler.next_indices().tolist() for _ in range(steps) for sampler in samplers]
+    batches = [np.concatenate([sampler.next_indices() for sampler in samplers]).tolist() for _ in range(steps)]
     return batches, [s.state_dict() for s in samplers]
 
 
@@ -41,27 +42,34 @@ def test_batches_have_one_bucket_and_an_epoch_uses_every_item():
     assert [again.next_indices().tolist() for _ in range(len(epoch))] == [b.tolist() for b in epoch]
 
 
-def test_ranks_split_each_step_of_the_one_global_sequence():
-    single, _ = run(world_size=1, steps=24)
-    double, states = run(world_size=2, steps=12)
-    assert double == single  # step t: rank 0 takes batch 2t, rank 1 batch 2t+1
-    assert all(s == states[0] for s in states) and states[0]["position"] == 24
+@pytest.mark.parametrize("world_size", [2, 3, 6])
+def test_ranks_split_each_global_batch_of_the_one_sequence(world_size):
+    """Global batch 6 on one rank, or on 2, 3, 6 ranks: the same prompts in the same global positions."""
+    single, _ = run(world_size=1, steps=12, batch_size=6)
+    split, states = run(world_size=world_size, steps=12, batch_size=6 // world_size)
+    assert split == single
+    assert all(len(set(BUCKETS[b])) == 1 for b in split)  # every global batch has one shape
+    assert all(s == states[0] for s in states) and states[0]["position"] == 12
 
 
-@pytest.mark.parametrize("new_world_size", [1, 2, 3])
+@pytest.mark.parametrize("new_world_size", [1, 3, 6])
 def test_resume_continues_the_same_sequence_with_any_number_of_ranks(new_world_size):
-    straight, _ = run(world_size=1, steps=30)
-    first, states = run(world_size=2, steps=5)  # crosses no epoch; the rest crosses two
-    rest, _ = run(world_size=new_world_size, steps=-(-20 // new_world_size), state=states[0])
-    assert first + rest[:20] == straight[:30]
+    """Saved on 2 ranks x 3, resumed on W' ranks x 6 / W': the same global batches (epochs are crossed)."""
+    straight, _ = run(world_size=1, steps=15, batch_size=6)
+    first, states = run(world_size=2, steps=5)  # epoch 0 has 2 + 2 + 1 + 1 global batches
+    rest, _ = run(world_size=new_world_size, steps=10, state=states[0], batch_size=6 // new_world_size)
+    assert first + rest == straight
 
 
-def test_state_must_match_the_prompts_and_batch_size():
-    _, states = run(world_size=1, steps=2)
-    with pytest.raises(ValueError, match="batch_size=3, this run has 4"):
-        BucketBatchSampler(BUCKETS, 4, seed=7).load_state_dict(states[0])
+def test_state_must_match_the_prompts_and_global_batch():
+    _, states = run(world_size=2, steps=2)
+    with pytest.raises(ValueError, match="global_batch_size=6, this run has 8"):
+        BucketBatchSampler(BUCKETS, 4, seed=7, world_size=2).load_state_dict(states[0])
     with pytest.raises(ValueError, match="num_items=25, this run has 24"):
-        BucketBatchSampler(BUCKETS[1:], 3, seed=7).load_state_dict(states[0])
+        BucketBatchSampler(BUCKETS[1:], 6, seed=7).load_state_dict(states[0])
+    old = {"seed": 7, "batch_size": 6, "num_items": 25, "batches_per_epoch": 6, "position": 3}
+    with pytest.raises(ValueError, match="per-rank batches"):
+        BucketBatchSampler(BUCKETS, 6, seed=7).load_state_dict(old)
 
 
 def test_bucketize_off_uses_the_configured_size_and_repeat(tmp_path):

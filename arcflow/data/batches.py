@@ -1,4 +1,5 @@
-"""Prompts as training batches: aspect-ratio buckets dealt to the ranks, with their conditioning.
+"""Prompts as training batches: global batches of one aspect-ratio bucket, split over the ranks, with
+their conditioning.
 
 The trainer uses :func:`build_train_data` (this rank's batches, one image size each, and their
 text conditioning; the position is part of the checkpoint) and :func:`build_val_data` (fixed
@@ -161,7 +162,7 @@ class TrainData:
         return prompts, self._condition(rows, prompts)
 
     def state_dict(self) -> dict[str, int]:
-        """Position in the global batch sequence: JSON-serialisable, independent of the world size."""
+        """Position in the global batch sequence: JSON-serialisable, independent of how the batch is split."""
         return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,8 +199,8 @@ def build_train_data(cfg: RunConfig, device: torch.device | str, rank: int, worl
     buckets = np.tile(bucket_ids(table.heights, table.widths), split.repeat)
     sampler = BucketBatchSampler(buckets, cfg.train_cfg.batch_size, seed, rank, world_size)
     log.info("conditioning source: %s", where)
-    log.info("training prompts: %d (x%d), %d size buckets, %d batches per epoch", len(table), split.repeat,
-             int(buckets.max()) + 1, sampler.batches_per_epoch)
+    log.info("training prompts: %d (x%d), %d size buckets, %d global batches of %d per epoch", len(table),
+             split.repeat, int(buckets.max()) + 1, sampler.batches_per_epoch, sampler.global_batch_size)
     return TrainData(table, sampler, condition, source, encoder, text_length)
 
 
