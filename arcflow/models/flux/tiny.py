@@ -14,9 +14,7 @@ import math
 import os
 import pathlib
 import re
-import shutil
 import string
-import tempfile
 from collections import Counter
 
 import diffusers
@@ -24,6 +22,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from tokenizers import Regex, normalizers, pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+from arcflow.models.tiny import build_atomically, caption_corpus, pair_merged, randomise_, write_json
 
 CLIP_HIDDEN_SIZE = 32
 T5_D_MODEL = 32
@@ -35,55 +35,6 @@ _CLIP_BOS = "<|startoftext|>"
 _CLIP_EOS = "<|endoftext|>"
 # The split pattern CLIP's tokenizer applies before byte-level BPE; training must see words the same way.
 _CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-
-_COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "golden")
-_SHAPES = ("circle", "square", "triangle", "cube", "sphere", "cylinder", "cone", "star", "ring", "pyramid")
-_OBJECTS = (
-    "cat", "dog", "bird", "horse", "car", "train", "bicycle", "apple", "banana", "cup",
-    "bottle", "chair", "table", "book", "clock", "lamp", "tree", "flower", "house", "boat",
-)  # fmt: skip
-_POSITIONS = (
-    "on top of", "under", "next to", "behind", "in front of",
-    "to the left of", "to the right of", "above", "below", "inside",
-)  # fmt: skip
-_COUNTS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-_SCENES = (
-    "A photo of a city street at night with bright lights and wet roads.",
-    "A painting of a quiet lake in the mountains at sunrise, in the style of an old master.",
-    "A close up of a small flower in a garden, soft light, high detail, sharp focus.",
-    "An old man reading a newspaper in a busy cafe while it rains outside.",
-    "A child playing with a large ball on the beach under a clear sky.",
-    "A bowl of fresh fruit on a wooden kitchen table near the window.",
-    "A cartoon drawing of a happy robot holding a sign that says hello.",
-    "3 cups, 2 plates and 1 knife lie on a white cloth; it's a simple still life.",
-)
-
-
-def _corpus() -> list[str]:
-    """A few hundred words of captions so both tokenizers learn real English sub-words."""
-    lines = list(_SCENES)
-    for i in range(60):
-        count = _COUNTS[i % len(_COUNTS)]
-        noun = _OBJECTS[i % len(_OBJECTS)] + ("" if count == "one" else "s")
-        colour, other = _COLOURS[i % len(_COLOURS)], _COLOURS[(5 * i + 3) % len(_COLOURS)]
-        place, shape = _POSITIONS[(3 * i) % len(_POSITIONS)], _SHAPES[(7 * i) % len(_SHAPES)]
-        lines.append(f"{count} {colour} {noun} {place} a {other} {shape}")
-    return lines
-
-
-def _pair_merged(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
-    """``symbols`` with every left-to-right occurrence of ``pair`` fused into one symbol."""
-    fused: list[str] = []
-    index = 0
-    while index < len(symbols):
-        if symbols[index : index + 2] == pair:
-            fused.append(pair[0] + pair[1])
-            index += 2
-        else:
-            fused.append(symbols[index])
-            index += 1
-    return tuple(fused)
-
 
 def _train_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Learn byte-level BPE merges the way CLIP's tokenizer splits words; return (vocab, merges).
@@ -104,7 +55,7 @@ def _train_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
         ]
     )
     counts = Counter(
-        word for line in _corpus() for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))
+        word for line in caption_corpus() for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(line))
     )
     words = {tuple(word[:-1]) + (word[-1] + "</w>",): count for word, count in counts.items()}
     merges: list[tuple[str, str]] = []
@@ -117,7 +68,7 @@ def _train_clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
         if best is None or pairs[best] < 2:
             break
         merges.append(best)
-        words = {_pair_merged(symbols, best): count for symbols, count in words.items()}
+        words = {pair_merged(symbols, best): count for symbols, count in words.items()}
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens = alphabet + [symbol + "</w>" for symbol in alphabet] + [left + right for left, right in merges]
     tokens = list(dict.fromkeys(tokens)) + [_CLIP_BOS, _CLIP_EOS]
@@ -142,7 +93,7 @@ def _save_clip_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]], d
         "tokenizer_class": "CLIPTokenizer",
         "unk_token": _CLIP_EOS,
     }
-    _write_json(directory / "tokenizer_config.json", config)
+    write_json(directory / "tokenizer_config.json", config)
 
 
 def _train_t5_tokenizer() -> T5TokenizerFast:
@@ -155,7 +106,7 @@ def _train_t5_tokenizer() -> T5TokenizerFast:
     T5; the 100 sentinel ``<extra_id_*>`` tokens follow in reverse order, as in the real vocab.
     """
     counts = Counter(
-        "▁" + match.group() for line in _corpus() for word in line.split() if (match := re.match(r"[A-Za-z]+", word))
+        "▁" + match.group() for line in caption_corpus() for word in line.split() if (match := re.match(r"[A-Za-z]+", word))
     )
     total = sum(counts.values())
     scores = {piece: math.log(count / total) for piece, count in counts.items()}
@@ -167,24 +118,6 @@ def _train_t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=specials + pieces + sentinels, extra_ids=T5_EXTRA_IDS, model_max_length=T5_MAX_LENGTH)
 
 
-def _randomise_(module: torch.nn.Module, generator: torch.Generator) -> None:
-    """Redraw every parameter from ``generator`` so nothing is zero-initialised.
-
-    diffusers zero-initialises e.g. FLUX's adaLN modulation and output projection, which would
-    make the teacher ignore its inputs.  Matrices and embeddings get std 1/sqrt(fan_in) (0.06-0.5
-    at these widths) so activations stay O(1) through the tiny network; norm scales are drawn
-    around one and biases small.
-    """
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
-            if param.ndim >= 2:
-                value = noise * param[0].numel() ** -0.5
-            elif name.endswith("weight"):
-                value = 1.0 + 0.1 * noise
-            else:
-                value = 0.02 * noise
-            param.copy_(value)
 
 
 def _transformer() -> FluxTransformer2DModel:
@@ -279,9 +212,6 @@ def _scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
-def _write_json(path: pathlib.Path, payload: dict[str, object]) -> None:
-    """Sorted, indented JSON so the same content always gives the same bytes."""
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _build(directory: pathlib.Path, seed: int) -> None:
@@ -299,13 +229,13 @@ def _build(directory: pathlib.Path, seed: int) -> None:
 
     generator = torch.Generator().manual_seed(seed)
     for model in (transformer, vae, text_encoder, text_encoder_2):
-        _randomise_(model, generator)
+        randomise_(model, generator)
     transformer.save_pretrained(directory / "transformer")
     vae.save_pretrained(directory / "vae")
     text_encoder.save_pretrained(directory / "text_encoder")
     text_encoder_2.save_pretrained(directory / "text_encoder_2")
     _scheduler().save_pretrained(directory / "scheduler")
-    _write_json(
+    write_json(
         directory / "model_index.json",
         {
             "_class_name": "FluxPipeline",
@@ -328,19 +258,4 @@ def make_tiny_flux(out_dir: str | os.PathLike, seed: int = 0) -> pathlib.Path:
     sibling, then renamed) so a crash never leaves a half-written teacher behind.  ``out_dir`` may be
     missing or an empty directory; anything else raises ``ValueError``.
     """
-    out = pathlib.Path(out_dir).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"make_tiny_flux: {out} already exists and is not an empty directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        _build(staging, seed)
-        staging.chmod(0o755)  # mkdtemp makes it private; the result should look like any other folder
-        try:
-            staging.rename(out)  # replaces a missing or empty directory, fails on a non-empty one
-        except OSError as error:
-            raise ValueError(f"make_tiny_flux: {out} was filled by someone else while building") from error
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return build_atomically(out_dir, lambda staging: _build(staging, seed), "make_tiny_flux")
