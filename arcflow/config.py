@@ -39,6 +39,9 @@ class ModelConfig:
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05
     guidance: float = 3.5
+    cfg_renorm: bool = False
+    """True-CFG families (Qwen-Image): rescale the guided velocity to the conditional one's norm per token, as
+    QwenImagePipeline does; off by default (SPEC §8). Guidance-embedding families (FLUX) ignore it."""
     dtype: str = "bfloat16"
     """dtype of the frozen weights and of compute; trainable parameters stay float32."""
     gradient_checkpointing: bool = False

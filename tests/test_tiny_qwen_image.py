@@ -16,10 +16,11 @@ from arcflow.models.qwen_image.text_encoder import (PROMPT_TEMPLATE, TEMPLATE_PR
 from arcflow.models.qwen_image.tiny import make_tiny_qwen_image
 
 # How Qwen2.5-VL's own tokenizer splits the template prefix: one token per word, as the tiny one must.
-REAL_PREFIX = ["<|im_start|>", "system", "Ċ", "Describe", *("Ġ" + w for w in "the image by detailing the color".split()),
-               ",", "Ġshape", ",", "Ġsize", ",", "Ġtexture", ",", "Ġquantity", ",", "Ġtext", ",",
-               *("Ġ" + w for w in "spatial relationships of the objects and background".split()), ":", "<|im_end|>",
-               "Ċ", "<|im_start|>", "user", "Ċ"]
+REAL_PREFIX = [
+    "<|im_start|>", "system", "Ċ", "Describe", "Ġthe", "Ġimage", "Ġby", "Ġdetailing", "Ġthe", "Ġcolor", ",", "Ġshape",
+    ",", "Ġsize", ",", "Ġtexture", ",", "Ġquantity", ",", "Ġtext", ",", "Ġspatial", "Ġrelationships", "Ġof", "Ġthe",
+    "Ġobjects", "Ġand", "Ġbackground", ":", "<|im_end|>", "Ċ", "<|im_start|>", "user", "Ċ",
+]
 PROMPTS = ["a red cube", "two green cats under a white square, at night", "zebra xylophone"]
 
 

@@ -115,8 +115,9 @@ def read_student_ema(cfg: RunConfig, checkpoint: str | Path) -> tuple[dict[str, 
         raise ValueError(f"config key 'model.lora_rank': export needs LoRA adapters, got {cfg.model.lora_rank}")
     path = ckpt.resolve_checkpoint(checkpoint)
     found = _checkpoint_ema_shapes(path)
-    expected = student_ema_shapes(base_transformer_on_meta(cfg.model.pretrained, family), cfg.model.num_modes,
-                                  cfg.model.lora_rank, family.backbone.lora_targets)
+    transformer = base_transformer_on_meta(cfg.model.pretrained, family)
+    expected = student_ema_shapes(transformer, cfg.model.num_modes, cfg.model.lora_rank,
+                                  family.backbone.lora_target_regex(transformer))
     _check_against_config({key: shape for key, (shape, _) in found.items()}, expected, cfg, path)
     ema = {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in found.items()}
     state = ckpt.load_checkpoint(path, {"ema": ema})

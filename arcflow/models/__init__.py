@@ -20,6 +20,7 @@ from arcflow.models.hub import require_pretrained
 
 FAMILIES: dict[str, str] = {
     "flux": "arcflow.models.flux",
+    "qwen_image": "arcflow.models.qwen_image",
 }
 """Family name -> the package holding its ``FAMILY`` (imported on first use: each pulls in diffusers)."""
 

@@ -206,7 +206,8 @@ class TransformerBackbone(Backbone):
         transformer.requires_grad_(False)
         if lora_rank > 0:
             transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                               init_lora_weights="gaussian", target_modules=self.lora_targets),
+                                               init_lora_weights="gaussian",
+                                               target_modules=self.lora_target_regex(transformer)),
                                     adapter_name=ADAPTER_NAME)
         teacher_proj_out = transformer.proj_out
         generator = torch.Generator().manual_seed(head_seed)
@@ -226,6 +227,17 @@ class TransformerBackbone(Backbone):
         # peft's disable_adapters() also flips requires_grad on every call; the teacher only
         # needs the adapters bypassed, so the flag is set on the LoRA layers directly.
         self._lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+    @classmethod
+    def lora_target_regex(cls, transformer: nn.Module) -> str:
+        """peft ``target_modules`` regex for ``transformer``; a family whose targets depend on depth overrides it."""
+        return cls.lora_targets
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str, torch_dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu", **kwargs: Any) -> TransformerBackbone:
+        """Load the teacher from a hub id or a local diffusers folder and build the student on it."""
+        return cls(cls.load_transformer(pretrained, torch_dtype, device), **kwargs)
 
     @classmethod
     def load_transformer(cls, pretrained: str, torch_dtype: torch.dtype, device: str | torch.device) -> nn.Module:

@@ -50,12 +50,6 @@ class FluxBackbone(TransformerBackbone):
         self.guidance = guidance
 
     @classmethod
-    def from_pretrained(cls, pretrained: str, torch_dtype: torch.dtype = torch.bfloat16,
-                        device: str | torch.device = "cpu", **kwargs) -> "FluxBackbone":
-        """Load the teacher from a hub id or a local diffusers folder and build the student on it."""
-        return cls(cls.load_transformer(pretrained, torch_dtype, device), **kwargs)
-
-    @classmethod
     def from_config(cls, cfg: ModelConfig, device: torch.device, head_seed: int = 0) -> "FluxBackbone":
         dtype = torch_dtype(cfg.dtype)
         return cls.from_pretrained(
