@@ -56,7 +56,7 @@ def test_keep_last_and_keep_every(tmp_path):
 def test_incomplete_checkpoint_is_named(tmp_path):
     path = save(tmp_path, 1)
     (path / ".metadata").unlink()
-    with pytest.raises(FileNotFoundError, match=".metadata"):
+    with pytest.raises(ckpt.CheckpointDamaged, match=r"missing file .\.metadata"):
         ckpt.load_checkpoint(path, tensors(0))
 
 
@@ -68,5 +68,6 @@ class _Payload:
 def test_tampered_metadata_is_refused(tmp_path):
     path = save(tmp_path, 1)
     (path / ".metadata").write_bytes(pickle.dumps(_Payload()))
+    ckpt.write_checksums(path)  # as an attacker would
     with pytest.raises(ValueError, match="builtins.print"):
         ckpt.load_checkpoint(path, tensors(0))

@@ -118,7 +118,7 @@ def test_missing_or_partial_checkpoint(run_dir, tiny_flux_dir, tmp_path):
     broken = tmp_path / "broken" / "iter_0000002"
     shutil.copytree(ckpt.resolve_checkpoint(run_dir), broken)
     (broken / ".metadata").unlink()
-    with pytest.raises(FileNotFoundError, match="missing .metadata"):
+    with pytest.raises(ckpt.CheckpointDamaged, match="missing .metadata"):
         export_adapter(cfg, broken, tmp_path / "a")
 
     # An EMA with a LoRA tensor missing (as if saved from a different student).

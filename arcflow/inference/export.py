@@ -21,8 +21,6 @@ import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from arcflow.config import RunConfig
 from arcflow.models import Family, get_family
@@ -83,11 +81,10 @@ def student_ema_shapes(transformer: nn.Module, num_modes: int, lora_rank: int,
 
 
 def _checkpoint_ema_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """(shape, dtype) of each EMA tensor in the DCP index, which is only unpickled once checked safe."""
-    ckpt.check_metadata(path)
-    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    """(shape, dtype) of each EMA tensor in the DCP index, unpickled with the checkpoint's allow-list."""
+    metadata = ckpt.read_metadata(path).state_dict_metadata
     found = {key[len(EMA_GROUP):]: (tuple(item.size), item.properties.dtype) for key, item in metadata.items()
-             if key.startswith(EMA_GROUP) and isinstance(item, TensorStorageMetadata)}
+             if key.startswith(EMA_GROUP)}
     if not found:
         groups = sorted({key.split(".", 1)[0] for key in metadata})
         raise ValueError(f"checkpoint '{path}' holds no EMA weights ('{EMA_GROUP}*' tensors); groups: {groups}")

@@ -1,60 +1,138 @@
-"""Checkpoints of the trainable state on torch.distributed.checkpoint (DCP), written atomically.
+"""Checkpoints of the trainable state on torch.distributed.checkpoint (DCP), written atomically, read safely.
 
 Layout: ``{checkpoint_dir}/iter_0000500/`` holds DCP's shard files (trainable weights, EMA,
-optimizer moments — tensors only, possibly sharded DTensors) and ``state.json``
-(iteration, data position, EMA count, scalar optimizer state). DCP reshards on load, so a
-run saved on N ranks resumes on M. The folder is written under a temporary name and
-renamed once every rank has finished, so a folder named ``iter_*`` with a ``state.json``
-is always complete; anything else is ignored.
+optimizer moments — tensors only, possibly sharded DTensors), ``state.json`` (iteration, data
+position, EMA count, scalar optimizer state) and ``checksums.json`` (size and SHA-256 of every
+other file, and a digest of itself). DCP reshards on load, so a run saved on N ranks resumes on
+M. The folder is written under a temporary name and renamed once every rank has finished, so a
+folder named ``iter_*`` with a ``state.json`` was complete when written; the checksums tell
+whether it still is.
 
-DCP stores its index (``.metadata``) as a pickle; before loading, that file is unpickled
-with an allow-list of DCP's own metadata classes, so a tampered checkpoint cannot run code.
+Nothing read from a checkpoint can run code: DCP's index (``.metadata``, a pickle) is unpickled
+with an allow-list of exact (module, name) pairs and its entries are then checked to be tensor
+entries stored in plain files of the folder; the load planner refuses DCP's pickled byte entries
+(which torch would read with ``torch.load(weights_only=False)``); tensor data is read by DCP with
+``weights_only=True``. A non-finite tensor is never saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import logging
 import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.tensor import DTensor
 
-from arcflow.distributed import DistEnv
+from arcflow.distributed import DistEnv, all_reduce_max
+
+log = logging.getLogger("arcflow")
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "state.json"
-_SAFE_MODULES = ("torch.distributed.checkpoint.", "torch.distributed.tensor.")
-_SAFE_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-                 ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"), ("builtins", "set"),
-                 ("builtins", "frozenset")}
+CHECKSUM_FILE = "checksums.json"
+_HASH_CHUNK = 16 << 20
+# How a damaged pickle fails; none of these can come from code past the allow-list running.
+_PICKLE_DAMAGE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                  OverflowError, MemoryError, RecursionError)
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# Exactly the globals a DCP index of tensors pickles (torch 2.4+), and nothing reachable through them.
+_SAFE_GLOBALS = frozenset({
+    (_DCP_METADATA, "Metadata"), (_DCP_METADATA, "TensorStorageMetadata"), (_DCP_METADATA, "TensorProperties"),
+    (_DCP_METADATA, "ChunkStorageMetadata"), (_DCP_METADATA, "MetadataIndex"), (_DCP_METADATA, "StorageMeta"),
+    (_DCP_METADATA, "BytesStorageMetadata"), (_DCP_METADATA, "_MEM_FORMAT_ENCODING"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),
+    ("collections", "OrderedDict"),
+})
+
+
+class CheckpointDamaged(ValueError):
+    """A checkpoint's files are missing, truncated or altered since they were saved."""
+
+
+class NonFiniteCheckpoint(ValueError):
+    """Refused to save: a tensor holds NaN or infinity."""
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside the allow-list."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format))
-        if module.startswith(_SAFE_MODULES) or (module, name) in _SAFE_GLOBALS or is_dtype:
+        is_dtype = module == "torch" and name.isidentifier() and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _SAFE_GLOBALS or is_dtype:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'")
+        raise RefusedGlobal(f"refusing to load '{module}.{name}'")
+
+
+def read_metadata(path: str | Path) -> Metadata:
+    """DCP's index of the checkpoint at ``path``, unpickled with the allow-list and checked entry by entry."""
+    path = Path(path)
+    metadata_file = path / ".metadata"
+    if not metadata_file.is_file():
+        raise CheckpointDamaged(f"checkpoint '{path}' is incomplete: missing .metadata")
+    where = f"checkpoint '{metadata_file}'"
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(metadata_file.read_bytes())).load()
+    except RefusedGlobal as err:
+        raise ValueError(f"{where} is not a plain DCP index ({err}); not loading it") from None
+    except _PICKLE_DAMAGE as err:
+        raise CheckpointDamaged(f"{where} is damaged: {type(err).__name__}: {err}") from None
+    if type(metadata) is not Metadata or not isinstance(metadata.state_dict_metadata, dict) \
+            or not isinstance(metadata.storage_data, dict):
+        raise ValueError(f"{where} is not a plain DCP index (holds a {type(metadata).__name__}); not loading it")
+    for key, entry in metadata.state_dict_metadata.items():
+        if not isinstance(key, str) or type(entry) is not TensorStorageMetadata:
+            raise ValueError(f"{where}: entry {key!r} is a {type(entry).__name__}, not a tensor; not loading it")
+    for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if type(info) is not _StorageInfo or not isinstance(name, str) or Path(name).name != name \
+                or name.startswith(".") or info.transform_descriptors or not isinstance(info.offset, int) \
+                or not isinstance(info.length, int) or min(info.offset, info.length) < 0:
+            raise ValueError(f"{where}: storage of {getattr(index, 'fqn', index)!r} is not a plain file of the "
+                             f"checkpoint folder ({info!r}); not loading it")
+    return metadata
 
 
 def check_metadata(path: Path) -> None:
-    """Unpickle DCP's index with the allow-list; raise a clear error for anything else."""
-    metadata = path / ".metadata"
-    if not metadata.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing .metadata")
-    try:
-        _MetadataUnpickler(io.BytesIO(metadata.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
-        raise ValueError(f"checkpoint '{path}/.metadata' is not a plain DCP index ({err}); not loading it") from None
+    """Raise a clear error unless ``path/.metadata`` is a plain DCP index of tensors."""
+    read_metadata(path)
+
+
+class _SafeReader(FileSystemReader):
+    """DCP's file reader, with the index read by :func:`read_metadata` (never ``pickle.load``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:
+            raise ValueError(f"checkpoint '{self.path}': per-rank metadata files are not supported")
+        return read_metadata(Path(self.path))
+
+
+class _TensorsOnlyPlanner(DefaultLoadPlanner):
+    """Loads exactly the tensors asked for; refuses DCP's pickled byte entries."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise ValueError(f"checkpoint entry '{read_item.dest_index.fqn}' is pickled bytes, not a tensor; "
+                         f"not loading it")
 
 
 @contextmanager
@@ -67,9 +145,81 @@ def _quiet_without_process_group() -> Iterator[None]:
         yield
 
 
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def first_non_finite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first (local shard of a) floating-point tensor holding NaN or infinity, if any."""
+    for name, value in _leaves(tensors):
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if isinstance(local, torch.Tensor) and local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            return name
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_digest(files: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """Record size and SHA-256 of every file of ``folder`` in its checksums file, which carries its own digest."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
+    manifest = {"algorithm": "sha256", "files": files, "digest": _manifest_digest(files)}
+    (folder / CHECKSUM_FILE).write_text(json.dumps(manifest, indent=1))
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise :class:`CheckpointDamaged` naming the file unless every file matches its recorded checksum."""
+    path = Path(path)
+    manifest_file = path / CHECKSUM_FILE
+    if not manifest_file.is_file():
+        warnings.warn(f"checkpoint '{path}' records no checksums (saved by an older arcflow): its bytes cannot be "
+                      f"checked", UserWarning, stacklevel=2)
+        return
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+        valid = manifest["digest"] == _manifest_digest(files)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointDamaged(f"checkpoint file '{manifest_file}' is damaged ({type(err).__name__}: {err})") \
+            from None
+    if not valid or not isinstance(files, dict):
+        raise CheckpointDamaged(f"checkpoint file '{manifest_file}' is damaged (its digest does not match)")
+    for name, record in files.items():
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise CheckpointDamaged(f"checkpoint '{path}' is incomplete: missing file '{name}'")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise CheckpointDamaged(f"checkpoint file '{file}' is truncated or extended: {size} bytes, "
+                                    f"{record['bytes']} when saved")
+        if file_sha256(file) != record["sha256"]:
+            raise CheckpointDamaged(f"checkpoint file '{file}' is damaged: its SHA-256 differs from the one saved")
+
+
 def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],
                     env: DistEnv) -> Path:
-    """Collective: every rank passes its (sharded) tensors; rank 0 adds ``state`` and publishes."""
+    """Collective: every rank passes its (sharded) tensors; rank 0 adds ``state`` and the checksums, and publishes.
+
+    Refused on every rank, before anything is written, if any rank holds a non-finite tensor."""
+    bad = first_non_finite(tensors)
+    if all_reduce_max(float(bad is not None), env) > 0:
+        where = f"'{bad}' on rank {env.rank}" if bad else "a tensor on another rank"
+        raise NonFiniteCheckpoint(f"not saving checkpoint iteration {iteration}: {where} holds NaN or infinity")
     root = Path(checkpoint_dir)
     final = root / f"iter_{iteration:07d}"
     tmp = root / f".{final.name}.partial"
@@ -82,6 +232,7 @@ def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[st
     env.barrier()
     if env.is_main:
         (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
+        write_checksums(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -89,18 +240,44 @@ def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[st
     return final
 
 
-def load_checkpoint(path: str | Path, tensors: dict[str, Any]) -> dict[str, Any]:
-    """Fill ``tensors`` (same structure as saved, any sharding) in place; return the JSON state."""
+def _failure_cause(err: CheckpointException) -> BaseException:
+    """The first rank's own exception inside DCP's wrapper."""
+    for failure in err.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return err
+
+
+def load_checkpoint(path: str | Path, tensors: dict[str, Any], verify: bool = True) -> dict[str, Any]:
+    """Fill ``tensors`` (same structure as saved, any sharding) in place; return the JSON state.
+
+    ``verify``: check every file's checksum first (skipped by a caller that already did)."""
     path = Path(path)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' is incomplete: missing {STATE_FILE}")
-    check_metadata(path)
+        raise CheckpointDamaged(f"checkpoint '{path}' is incomplete: missing {STATE_FILE}")
+    if verify:
+        verify_checkpoint(path)
+    metadata = read_metadata(path)
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+    except ValueError as err:
+        raise CheckpointDamaged(f"checkpoint file '{path / STATE_FILE}' is damaged: {err}") from None
+    wanted = {name for name, _ in _leaves(tensors)}
+    missing = sorted(wanted - set(metadata.state_dict_metadata))
+    if missing:
+        raise ValueError(f"checkpoint '{path}' does not fit this model: it lacks {len(missing)} tensor(s), "
+                         f"e.g. '{missing[0]}'")
     try:
         with _quiet_without_process_group():
-            dcp.load(tensors, checkpoint_id=str(path))
-    except (RuntimeError, CheckpointException) as err:  # e.g. a key the checkpoint lacks
+            dcp.load(tensors, storage_reader=_SafeReader(str(path)), planner=_TensorsOnlyPlanner())
+    except CheckpointException as err:
+        cause = _failure_cause(err)
+        if isinstance(cause, ValueError):  # ours: a refused or damaged entry
+            raise cause from None
+        raise ValueError(f"checkpoint '{path}' does not fit this model or is damaged: "
+                         f"{type(cause).__name__}: {cause}") from None
+    except (RuntimeError, ValueError) as err:  # e.g. a shape the checkpoint does not have
         raise ValueError(f"checkpoint '{path}' does not fit this model: {err}") from None
-    return json.loads((path / STATE_FILE).read_text())
+    return state
 
 
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
@@ -121,6 +298,27 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | None:
+    """Collective: the newest checkpoint whose files match their checksums, checked by rank 0 only.
+
+    A damaged or incomplete newer one is skipped with a warning naming the file."""
+    found = list_checkpoints(checkpoint_dir)
+    chosen = -1.0
+    if env.is_main:
+        for iteration, path in reversed(found):
+            try:
+                verify_checkpoint(path)
+                read_metadata(path)
+            except (CheckpointDamaged, ValueError) as err:
+                log.warning("skipping checkpoint %s: %s", path.name, err)
+                warnings.warn(f"{err}; resuming from an earlier checkpoint", UserWarning, stacklevel=2)
+                continue
+            chosen = float(iteration)
+            break
+    chosen = all_reduce_max(chosen, env)
+    return next((path for iteration, path in found if iteration == chosen), None)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, or a run's work/checkpoint dir meaning its latest checkpoint."""
     path = Path(path)
@@ -134,9 +332,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def prune_checkpoints(checkpoint_dir: str | Path, keep_last: int, keep_every: int | None) -> None:
-    """Delete old checkpoints except the newest ``keep_last`` and multiples of ``keep_every``."""
+    """Delete old checkpoints except the newest ``keep_last`` (at least the newest one, which is the one
+    just saved and so finite) and multiples of ``keep_every``."""
     found = list_checkpoints(checkpoint_dir)
-    recent = {path for _, path in found[-keep_last:]} if keep_last > 0 else set()
+    recent = {path for _, path in found[-max(keep_last, 1):]}
     for iteration, path in found:
         if path in recent or (keep_every and iteration % keep_every == 0):
             continue
