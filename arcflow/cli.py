@@ -67,7 +67,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
                         help="'pytorch': started by torchrun")
     parser.add_argument("--seed", type=int, help="overrides train_cfg.seed (default: the config's)")
-    parser.add_argument("--diff_seed", action="store_true", help="give each rank its own seed (seed + rank)")
+    parser.add_argument("--diff_seed", action="store_true",
+                        help="ranks draw different randomness: always so, since every draw follows the global "
+                             "sample index; the run is the same with or without it")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -86,7 +88,7 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     cfg = config_from_args(args)
     env = init_distributed(args.launcher)
     try:
-        Trainer(cfg, env, seed_offset=env.rank if args.diff_seed else 0).fit()
+        Trainer(cfg, env).fit()
     except BaseException as err:
         if isinstance(err, Exception) and not isinstance(err, ModelUnavailable):
             print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",

@@ -87,7 +87,7 @@ class EMAConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = 4
-    """Prompts per process per iteration."""
+    """Prompts per process per iteration; the run depends on the global batch (world size x this)."""
     grad_accum_batch_size: int | None = None
     """Process the batch in micro-batches of this size: same gradient, less memory."""
     seed: int = 42

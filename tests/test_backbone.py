@@ -22,9 +22,17 @@ def tiny_transformer(seed: int = 0) -> FluxTransformer2DModel:
     return model
 
 
+def student_backbone(num_modes: int = K) -> FluxBackbone:
+    """In training mode, as the trainer runs it: LoRA dropout masks for the two samples of :func:`inputs`."""
+    backbone = FluxBackbone(tiny_transformer(), num_modes=num_modes, lora_rank=4, lora_alpha=4,
+                            compute_dtype=torch.float32)
+    backbone.dropout_keys.set(iteration=0, call=0, samples=torch.arange(2))
+    return backbone
+
+
 @pytest.fixture
 def backbone() -> FluxBackbone:
-    return FluxBackbone(tiny_transformer(), num_modes=K, lora_rank=4, lora_alpha=4, compute_dtype=torch.float32)
+    return student_backbone()
 
 
 def inputs(batch: int = 2, h: int = 8, w: int = 12):
@@ -119,7 +127,7 @@ def test_gradients_reach_every_trainable_parameter(backbone):
 
 def test_single_mode_student_is_a_straight_shortcut():
     """K = 1: no rates head outputs; the policy is one constant velocity (the linear ablation)."""
-    backbone = FluxBackbone(tiny_transformer(), num_modes=1, lora_rank=4, lora_alpha=4, compute_dtype=torch.float32)
+    backbone = student_backbone(num_modes=1)
     x, sigma, cond = inputs()
     policy = backbone.student_policy(x, sigma, cond)
     assert policy.rates.shape == (2, 0, 1, 8, 12)

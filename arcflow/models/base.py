@@ -26,6 +26,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import Tensor, nn
 
 from arcflow.method.policy import ArcFlowPolicy
+from arcflow.models.lora_dropout import DropoutKeys, install_hash_dropout
 
 Conditioning = dict[str, Tensor]
 """Text conditioning of a batch, as produced by the family's text encoder."""
@@ -138,6 +139,8 @@ class Backbone(nn.Module, ABC):
     view_outputs_checked: ClassVar[tuple[str, ...]] = ()
     """Class names of shard units that return views of one tensor, checked never to be modified in place
     by their callers (so FSDP2's warning about them is silenced; see training/parallel.py)."""
+    dropout_keys: DropoutKeys
+    """Seed, iteration, call and global sample indices the student's LoRA dropout masks are drawn from."""
 
     @abstractmethod
     def teacher_velocity(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
@@ -209,6 +212,9 @@ class TransformerBackbone(Backbone):
                                                init_lora_weights="gaussian",
                                                target_modules=self.lora_target_regex(transformer)),
                                     adapter_name=ADAPTER_NAME)
+        self.dropout_keys = DropoutKeys()
+        """Set by the trainer before each student call: LoRA dropout masks follow the global sample index."""
+        install_hash_dropout(transformer, ADAPTER_NAME, self.dropout_keys)
         teacher_proj_out = transformer.proj_out
         generator = torch.Generator().manual_seed(head_seed)
         heads = ArcFlowHeads(teacher_proj_out, num_modes, generator=generator).to(teacher_proj_out.weight.device)

@@ -6,9 +6,11 @@ The method itself lives in :mod:`arcflow.method.rollout` (the imitation loss) an
 This file wires them to data, optimizer, EMA, checkpoints and logs.
 
 All randomness of an iteration is a function of (seed, iteration, global sample index):
-the latent noise and rollout draws of each prompt, and the global RNG (LoRA dropout) of
-each rank. Resuming, micro-batching or changing the number of ranks therefore never
-changes which noise a prompt gets, and no RNG state needs saving.
+the latent noise and rollout draws of each prompt, and its LoRA dropout masks (per student
+step and layer, :mod:`arcflow.models.lora_dropout`). With the global batches of
+:class:`arcflow.data.sampler.BucketBatchSampler`, a run depends only on its global batch
+(ranks x per-rank batch) and seed: resuming, micro-batching or changing the number of ranks
+never changes what a prompt gets, and no RNG state needs saving.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """Distils the configured teacher into an n-NFE ArcFlow student on every rank of ``env``."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv | None = None, seed_offset: int = 0,
+    def __init__(self, cfg: RunConfig, env: DistEnv | None = None,
                  backbone: Backbone | None = None, text_encoder: torch.nn.Module | None = None):
         """``backbone``/``text_encoder`` replace the configured ones (benchmarks on random weights)."""
         self.cfg, self.env = cfg, env or DistEnv()
@@ -85,11 +87,12 @@ class Trainer:
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(self._log_file)
             log.setLevel(logging.INFO)
-        self.seed, self.seed_offset = cfg.train_cfg.seed, seed_offset
-        torch.manual_seed(mix_seed(self.seed, seed_offset))  # LoRA initialisation; DDP broadcasts rank 0's
+        self.seed = cfg.train_cfg.seed
+        torch.manual_seed(mix_seed(self.seed))  # LoRA initialisation, the same on every rank (FSDP2 keeps shards)
 
         self.compute_dtype = torch_dtype(cfg.model.dtype)
         self.backbone = backbone if backbone is not None else build_backbone(cfg.model, self.device, self.seed)
+        self.backbone.dropout_keys.seed = self.seed
         self.student = parallelize(self.backbone, cfg.train_cfg.parallel, env, self.compute_dtype)
         self.data = build_train_data(cfg, self.device, env.rank, env.world_size, self.seed, text_encoder)
         if cfg.train_cfg.parallel == "fsdp" and self.data.text_encoder is not None:
@@ -125,13 +128,13 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step: every micro-batch runs every student step of the rollout."""
         cfg, it = self.cfg, self.iteration
-        torch.manual_seed(mix_seed(self.seed, self.seed_offset, it, 1))  # LoRA dropout of this rank
         rho = teacher_ratio(it, cfg.distill.teacher_ratio_decay_iters)
         lr = set_lr(self.optimizer, it, cfg.optimizer)
         batch = cfg.train_cfg.batch_size
         prompts, cond = self.data.next_batch()
         shape = self.backbone.latent_shape(prompts[0].height, prompts[0].width)
-        noise, draws = self.sample_randomness(self.env.rank * batch, batch, shape)
+        first = self.env.rank * batch  # global index of this rank's first sample
+        noise, draws = self.sample_randomness(first, batch, shape)
         micro = cfg.train_cfg.grad_accum_batch_size or batch
         starts = list(range(0, batch, micro))
         step_losses = torch.zeros(len(self.segments), dtype=torch.float64, device=self.device)
@@ -148,6 +151,8 @@ class Trainer:
             for k, (tau_a, tau_b) in enumerate(self.segments):
                 segment = tau_a - tau_b
                 last = begin == starts[-1] and k == len(self.segments) - 1
+                samples = torch.arange(first + begin, first + begin + x.shape[0], device=self.device)
+                self.backbone.dropout_keys.set(it, k, samples)
                 with gradient_sync(self.student, sync=last):
                     policy = self.student(x, shifted_sigma(tau, cfg.distill.shift), micro_cond)
                     loss, x = segment_loss(policy, teacher, x, tau, segment, rho, self.rollout_cfg, draws[k][part])

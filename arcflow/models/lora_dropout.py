@@ -1,0 +1,135 @@
+"""LoRA dropout whose masks are a function of (seed, iteration, call, global sample, layer, element).
+
+peft draws LoRA dropout masks from the process's global RNG, so they depend on how a global batch
+is split over ranks and micro-batches. :class:`HashDropout` replaces peft's dropout module in
+every LoRA layer and computes each mask on the device with a counter-based hash instead: the
+same sample gets the same mask whatever the split, no RNG state needs saving, and a recomputed
+forward (gradient checkpointing) gets its masks again.
+
+The hash is ``hash32``, a 32-bit multiply-xorshift finaliser (constants 0x21f0aaad and
+0x735a2d97, C. Wellons' hash-prospector), on int64 tensors holding 32-bit values: both
+multipliers are below 2**31, so no product overflows and every backend computes it exactly.
+For an input of shape (B, ..., F) (rows ``t`` of the middle dimensions, flattened) element
+(b, t, f) of sample ``s_b`` is kept iff ``hash32(g[f] ^ row[b, t]) >= round(p * 2**32)``, with
+
+    layer_key  = chain(seed, iteration, call, layer)        (Python integers, once per forward)
+    sample_key = hash32(hash32(s_b) ^ layer_key)
+    row[b, t]  = hash32(hash32(t) ^ sample_key)             (B x T values)
+    g[f]       = hash32(f ^ 0x9e3779b9)                     (F values, cached)
+
+where ``chain`` folds each value into the state by ``hash32(state ^ value)``, 32 bits at a time.
+Kept elements are scaled by 1 / (1 - p), as in ``nn.Dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+MASK32 = 0xFFFFFFFF
+MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
+FEATURE_SALT = 0x9E3779B9
+
+
+def hash32_int(x: int) -> int:
+    """``hash32`` of one 32-bit Python integer (the definition the tensor version follows)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = x * MULTIPLIERS[0] & MASK32
+    x ^= x >> 15
+    x = x * MULTIPLIERS[1] & MASK32
+    return x ^ (x >> 15)
+
+
+def chain_int(*values: int) -> int:
+    """One 32-bit key from integers of any size (each folded in 32 bits at a time, low word first)."""
+    state = 0
+    for value in values:
+        value &= 2**64 - 1
+        for word in (value & MASK32, value >> 32):
+            state = hash32_int(state ^ word)
+    return state
+
+
+def hash32(x: Tensor) -> Tensor:
+    """``hash32`` of every element of an int64 tensor of 32-bit values (a new tensor)."""
+    x = x ^ (x >> 16)
+    x.mul_(MULTIPLIERS[0]).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(MULTIPLIERS[1]).bitwise_and_(MASK32)
+    return x.bitwise_xor_(x >> 15)
+
+
+class DropoutKeys:
+    """What the masks of the next forward depend on; the trainer sets it before each student call."""
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+        self.iteration = 0
+        self.call = 0
+        self.samples: Tensor | None = None
+        """(B,) global sample indices of the batch rows, or None outside training steps."""
+
+    def set(self, iteration: int, call: int, samples: Tensor) -> None:
+        """The next forward is call ``call`` (e.g. the student step) of ``iteration`` on these samples."""
+        self.iteration, self.call, self.samples = iteration, call, samples
+
+
+def keep_mask(shape: torch.Size, p: float, keys: DropoutKeys, layer: int, device: torch.device) -> Tensor:
+    """Boolean keep mask of an input of ``shape`` = (B, ..., F) in layer ``layer`` (see the module docstring)."""
+    samples = keys.samples
+    if samples is None or len(samples) != shape[0]:
+        got = "no samples" if samples is None else f"{len(samples)} samples"
+        raise RuntimeError(f"LoRA dropout in training mode needs the batch's global sample indices "
+                           f"(DropoutKeys.set) for its {shape[0]} rows, got {got}")
+    features = shape[-1]
+    rows = shape[1:-1].numel()
+    layer_key = chain_int(keys.seed, keys.iteration, keys.call, layer)
+    sample_key = hash32(hash32(samples.to(device, torch.int64) & MASK32) ^ layer_key)
+    row = hash32(hash32(torch.arange(rows, device=device)).view(1, rows) ^ sample_key.view(-1, 1))
+    values = hash32(_feature_hashes(features, device).view(1, 1, features) ^ row.view(shape[0], rows, 1))
+    return (values >= round(p * 2**32)).view(shape)
+
+
+_FEATURES: dict[tuple[int, torch.device], Tensor] = {}
+
+
+def _feature_hashes(features: int, device: torch.device) -> Tensor:
+    """``g[f]``, computed once per (width, device)."""
+    key = (features, device)
+    if key not in _FEATURES:
+        _FEATURES[key] = hash32(torch.arange(features, device=device) ^ FEATURE_SALT)
+    return _FEATURES[key]
+
+
+class HashDropout(nn.Module):
+    """``nn.Dropout(p)`` with masks from :func:`keep_mask`; the identity in eval mode."""
+
+    def __init__(self, p: float, layer: int, keys: DropoutKeys):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {p}")
+        self.p, self.layer, self.keys = p, layer, keys
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = keep_mask(x.shape, self.p, self.keys, self.layer, x.device)
+        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, layer={self.layer}"
+
+
+def install_hash_dropout(model: nn.Module, adapter: str, keys: DropoutKeys) -> int:
+    """Swap every ``nn.Dropout`` in the ``adapter`` slot of peft's ``lora_dropout`` dicts for a
+    :class:`HashDropout` of the same p, numbered in module order; returns how many were swapped."""
+    count = 0
+    for module in model.modules():
+        slots = getattr(module, "lora_dropout", None)
+        if not isinstance(slots, nn.ModuleDict) or adapter not in slots:
+            continue
+        if isinstance(slots[adapter], nn.Dropout):
+            slots[adapter] = HashDropout(slots[adapter].p, count, keys)
+            count += 1
+    return count

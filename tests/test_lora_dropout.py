@@ -1,0 +1,117 @@
+"""Counter-based LoRA dropout: the direct definition, its statistics, and independence of the batch split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from arcflow.config import load_config
+from arcflow.models import build_backbone
+from arcflow.models.base import ADAPTER_NAME
+from arcflow.models.lora_dropout import DropoutKeys, HashDropout, chain_int, hash32, hash32_int, keep_mask
+
+DEMO = "configs/demo/arcflux_tiny_2nfe.py"
+
+
+def keys(samples: list[int], seed: int = 42, iteration: int = 3, call: int = 1) -> DropoutKeys:
+    k = DropoutKeys(seed)
+    k.set(iteration, call, torch.tensor(samples))
+    return k
+
+
+def reference_mask(shape: tuple[int, ...], p: float, samples: list[int], seed: int, iteration: int, call: int,
+                   layer: int) -> torch.Tensor:
+    """The module docstring's definition, element by element in Python integers."""
+    batch, features = shape[0], shape[-1]
+    rows = 1
+    for size in shape[1:-1]:
+        rows *= size
+    layer_key = chain_int(seed, iteration, call, layer)
+    threshold = round(p * 2**32)
+    out = torch.zeros(batch, rows, features, dtype=torch.bool)
+    for b in range(batch):
+        sample_key = hash32_int(hash32_int(samples[b]) ^ layer_key)
+        for t in range(rows):
+            row = hash32_int(hash32_int(t) ^ sample_key)
+            for f in range(features):
+                out[b, t, f] = hash32_int(hash32_int(f ^ 0x9E3779B9) ^ row) >= threshold
+    return out.view(shape)
+
+
+def test_hash32_tensor_matches_the_integer_definition():
+    values = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 2**32 - 2]
+    assert hash32(torch.tensor(values)).tolist() == [hash32_int(v) for v in values]
+    assert hash32_int(0) == 0 and hash32_int(1) != 1  # a bijection fixing 0, mixing everything else
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 4), (2, 2, 3, 4)])
+def test_keep_mask_matches_the_direct_definition(shape):
+    samples = [7, 2**33 + 5, 11][:shape[0]]
+    ours = keep_mask(torch.Size(shape), 0.3, keys(samples, seed=-9, iteration=5, call=2), 4, torch.device("cpu"))
+    assert torch.equal(ours, reference_mask(shape, 0.3, samples, -9, 5, 2, 4))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_keep_rate(p):
+    n = 8 * 128 * 256
+    mask = keep_mask(torch.Size((8, 128, 256)), p, keys(list(range(8))), 0, torch.device("cpu"))
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(1 - mask.float().mean().item() - p) < 5 * sigma
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+
+
+def test_masks_are_uncorrelated_across_samples_rows_layers_iterations_and_calls():
+    shape, p, cpu = torch.Size((2, 64, 512)), 0.5, torch.device("cpu")
+    base = keep_mask(shape, p, keys([10, 11]), 0, cpu)
+    others = {
+        "sample": base[1],
+        "row": base[0].roll(1, dims=0),
+        "feature": base[0].roll(1, dims=1),
+        "layer": keep_mask(shape, p, keys([10, 11]), 1, cpu)[0],
+        "iteration": keep_mask(shape, p, keys([10, 11], iteration=4), 0, cpu)[0],
+        "call": keep_mask(shape, p, keys([10, 11], call=0), 0, cpu)[0],
+        "seed": keep_mask(shape, p, keys([10, 11], seed=43), 0, cpu)[0],
+    }
+    bound = 5 / base[0].numel() ** 0.5  # five standard errors of a correlation of independent bits
+    for name, other in others.items():
+        assert abs(_correlation(base[0], other)) < bound, name
+        assert not torch.equal(base[0], other), name
+
+
+def test_a_sample_gets_its_mask_whatever_batch_it_is_in():
+    shape, cpu = (4, 16, 32), torch.device("cpu")
+    whole = keep_mask(torch.Size(shape), 0.2, keys([20, 21, 22, 23]), 2, cpu)
+    for b in range(4):
+        alone = keep_mask(torch.Size((1, *shape[1:])), 0.2, keys([20 + b]), 2, cpu)
+        assert torch.equal(whole[b:b + 1], alone)
+
+
+def test_hash_dropout_scales_kept_inputs_and_is_the_identity_in_eval():
+    k = keys([0, 1])
+    dropout = HashDropout(0.25, 0, k)
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    y = dropout(x)
+    mask = keep_mask(x.shape, 0.25, k, 0, x.device)
+    torch.testing.assert_close(y, torch.where(mask, x / 0.75, 0.0))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, mask.float() / 0.75)
+    assert dropout.eval()(x) is x
+    with pytest.raises(RuntimeError, match="global sample indices"):
+        HashDropout(0.25, 0, DropoutKeys()).train()(x)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        HashDropout(1.0, 0, k)
+
+
+def test_every_lora_layer_of_the_backbone_gets_hash_dropout(tiny_flux_dir):
+    cfg = load_config(DEMO, {"model.pretrained": str(tiny_flux_dir)})
+    backbone = build_backbone(cfg.model, torch.device("cpu"))
+    slots = [m.lora_dropout[ADAPTER_NAME] for m in backbone.modules()
+             if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)]
+    assert slots and all(isinstance(s, HashDropout) and s.p == cfg.model.lora_dropout for s in slots)
+    assert sorted(s.layer for s in slots) == list(range(len(slots)))
+    assert all(s.keys is backbone.dropout_keys for s in slots)
