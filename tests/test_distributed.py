@@ -29,9 +29,9 @@ def torchrun(nproc: int, args: list[str], **kwargs) -> subprocess.Popen:
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
 
 
-def worker(nproc: int, work_dir: Path, options: dict) -> dict:
+def worker(nproc: int, work_dir: Path, options: dict, config: str | Path = DEMO) -> dict:
     out = work_dir / "ranks.json"
-    args = ["tests/dist_worker.py", DEMO, str(work_dir), str(out)] + [f"{k}={v}" for k, v in options.items()]
+    args = ["tests/dist_worker.py", str(config), str(work_dir), str(out)] + [f"{k}={v}" for k, v in options.items()]
     proc = torchrun(nproc, args)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]

@@ -1,0 +1,5 @@
+# FLUX's prompt data (configs/flux/_data_trainval.py) with the Qwen-Image embedding cache beside FLUX's:
+# rows are Qwen2.5-VL's variable-length hidden states with their masks, and the empty prompt's embedding.
+_base_ = ['../flux/_data_trainval.py']
+
+data = dict(data_root='data/t2i_prompts_3m/preproc_qwen/')
