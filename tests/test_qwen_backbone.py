@@ -31,8 +31,9 @@ def tiny_transformer(num_layers: int = 3) -> QwenImageTransformer2DModel:
 
 
 def make_backbone(transformer: QwenImageTransformer2DModel | None = None, **kwargs) -> QwenImageBackbone:
+    """LoRA dropout off: these tests are about the teacher and the heads, not the dropout masks."""
     return QwenImageBackbone(transformer or tiny_transformer(), num_modes=K, lora_rank=4, lora_alpha=4,
-                             compute_dtype=torch.float32, **kwargs)
+                             lora_dropout=0.0, compute_dtype=torch.float32, **kwargs)
 
 
 def conditioning(batch: int = 2, lengths: tuple[int, ...] = (5, 7), negative_length: int = 3) -> dict:
@@ -55,12 +56,16 @@ def latents(batch: int = 2, h: int = 6, w: int = 8) -> tuple[torch.Tensor, torch
 
 def direct_velocity(backbone: QwenImageBackbone, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor
                     ) -> torch.Tensor:
-    """One unmasked teacher call per sample on its own unpadded text: the transcription to compare with."""
+    """One unmasked call of the plain teacher (adapters off, its own output layers) on unpadded text."""
     transformer = backbone.transformer
     b, _, h, w = x.shape
-    with torch.no_grad():
-        tokens = transformer(hidden_states=pack(x), encoder_hidden_states=embeds, timestep=sigma,
-                             img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+    transformer.disable_adapters()
+    try:
+        with torch.no_grad():
+            tokens = transformer(hidden_states=pack(x), encoder_hidden_states=embeds, timestep=sigma,
+                                 img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
+    finally:
+        transformer.enable_adapters()
     return unpack(tokens, h, w)[:, 0]
 
 
