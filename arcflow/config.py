@@ -93,6 +93,8 @@ class TrainConfig:
     seed: int = 42
     parallel: str = "ddp"
     """"ddp": replicate, all-reduce trainable gradients; "fsdp": FSDP2-shard everything per block."""
+    skip_non_finite_steps: int = 0
+    """Steps with a non-finite loss or gradient norm to skip (logged) before stopping; 0: stop at the first."""
 
 
 @dataclass

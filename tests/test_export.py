@@ -169,3 +169,17 @@ def test_adapter_config_errors_name_file_and_key(tmp_path):
         AdapterConfig.load(path)
     path.write_text(json.dumps(good))
     assert AdapterConfig.load(path).num_modes == 4
+
+
+def test_export_refuses_non_finite_tensors(tiny_flux_dir, tmp_path):
+    """EMA values that are finite in float32 overflow float16: that export is refused, the float32 one is not."""
+    cfg = cfg_of(tiny_flux_dir)
+    path = write_checkpoint(tiny_flux_dir, tmp_path / "run")
+    ema, _ = read_student_ema(cfg, path)
+    big = next(iter(sorted(ema)))
+    ema[big] = torch.full_like(ema[big], 1e6)
+    ckpt.save_checkpoint(tmp_path / "big", 2, {"ema": ema}, {}, DistEnv())
+    with pytest.raises(ValueError, match="tensor '.*' holds NaN or infinity in float16"):
+        export_adapter(cfg, tmp_path / "big", tmp_path / "a", dtype="float16")
+    assert not (tmp_path / "a").exists()
+    export_adapter(cfg, tmp_path / "big", tmp_path / "a", dtype="float32")

@@ -164,12 +164,16 @@ def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str,
     targets = sorted({key[len("transformer."):].rsplit(".lora_", 1)[0] for key in lora})
     header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
         lora_metadata(config.lora_rank, config.lora_alpha, targets), indent=2, sort_keys=True)}
+    cast = lambda d: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(d.items())}  # noqa: E731
+    lora, heads = cast(lora), cast(heads)
+    bad = ckpt.first_non_finite({"lora": lora, "heads": heads})  # after the cast: float16 overflows to inf
+    if bad is not None:
+        raise ValueError(f"not exporting to '{out}': tensor '{bad}' holds NaN or infinity in {config.dtype}")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        cast = lambda d: {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(d.items())}  # noqa: E731
-        save_file(cast(lora), staging / LORA_FILE, metadata=header)
-        save_file(cast(heads), staging / HEADS_FILE, metadata={"format": "pt"})
+        save_file(lora, staging / LORA_FILE, metadata=header)
+        save_file(heads, staging / HEADS_FILE, metadata={"format": "pt"})
         config.save(staging / CONFIG_FILE)
         (staging / "README.md").write_text(_MODEL_CARD.format(
             nfe=config.nfe, base=config.base_model, iteration=config.iteration, lora=LORA_FILE, heads=HEADS_FILE,

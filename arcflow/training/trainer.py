@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.tensor import DTensor
@@ -40,6 +39,7 @@ from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma, t
 from arcflow.models import build_backbone
 from arcflow.models.base import Backbone, Conditioning
 from arcflow.training import checkpoint as ckpt
+from arcflow.training.guards import Divergence, check_writable, reduce_step
 from arcflow.training.optim import EMA, build_optimizer, set_lr
 from arcflow.training.parallel import gradient_sync, parallelize, shard_text_encoder
 from arcflow.training.validation import Validator
@@ -80,8 +80,9 @@ class Trainer:
         env = self.env
         self.device = env.device
         self.work_dir = Path(cfg.work_dir)
-        if env.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+        if env.is_main:  # a read-only folder is found now, not at the first save hours later
+            check_writable(self.work_dir, "work dir")
+            check_writable(cfg.checkpoint_dir, "checkpoint dir")
             # Opened first, so the data and model set-up below is in the run's log too.
             self._log_file = logging.FileHandler(self.work_dir / "train.log")
             self._log_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -110,6 +111,8 @@ class Trainer:
         self.optimizer = build_optimizer(trainable, self.backbone.rate_parameters(), cfg.optimizer)
         self.ema = EMA(trainable, cfg.ema)
         self.iteration = 0
+        self.skipped_steps = 0
+        """Steps whose update was dropped for a non-finite loss or gradient norm, in this process."""
         self.writer: SummaryWriter | None = None
 
     # -- one iteration -----------------------------------------------------------------
@@ -163,22 +166,28 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         clip = cfg.optimizer.grad_clip if it >= cfg.optimizer.grad_clip_start_iter else float("inf")
         grad_norm = _local(torch.nn.utils.clip_grad_norm_(params, clip))
-        self.optimizer.step()
+        losses, finite = reduce_step(step_losses, grad_norm, self.env)
+        if finite:
+            self.optimizer.step()
+            self.ema.update(it)
+        else:
+            self._skip_non_finite(it, losses, float(grad_norm))
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(it)
         self.iteration += 1
-        losses = self._mean_over_ranks(step_losses)
         metrics = {f"loss_step{k}": v for k, v in enumerate(losses)}
         metrics.update(loss=sum((a - b) * v for (a, b), v in zip(self.segments, losses)),
                        teacher_ratio=rho, lr=lr, grad_norm=float(grad_norm))
         return metrics
 
-    def _mean_over_ranks(self, values: torch.Tensor) -> list[float]:
-        if self.env.is_distributed:
-            values = values.clone()
-            dist.all_reduce(values)
-            values /= self.env.world_size
-        return values.tolist()
+    def _skip_non_finite(self, it: int, losses: list[float], grad_norm: float) -> None:
+        """Drop this step's update; stop every rank (they all see the same reduced values) past the allowance."""
+        self.skipped_steps += 1
+        allowed = self.cfg.train_cfg.skip_non_finite_steps
+        what = f"non-finite loss or gradient norm at iteration {it} (step losses {losses}, grad_norm {grad_norm})"
+        if self.skipped_steps > allowed:
+            raise Divergence(f"{what}: stopping before anything is saved ({self.skipped_steps - 1} such steps "
+                             f"skipped so far, train_cfg.skip_non_finite_steps={allowed}); try a lower optimizer.lr")
+        log.warning("%s: skipped, %d of %d allowed", what, self.skipped_steps, allowed)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> None:
