@@ -145,7 +145,7 @@ def test_cache_verify_names_what_is_missing(scratch: Path) -> None:
 @pytest.fixture(scope="module")
 def demo(scratch: Path) -> Path:
     """The first command's demo, as written, in the scratch directory."""
-    done = run(command(CHECKS[0]).rsplit(" && ", 1)[1], scratch)
+    done = run(command(CHECKS[0]).rsplit(" && ", 1)[1], scratch, timeout=1800)
     assert "| arcflow_student_2nfe | 2 |" in done.stdout
     assert (scratch / "checkpoints" / "teacher_arcflux_2nfe").is_dir()
     return scratch
