@@ -1,4 +1,5 @@
-"""Two CPU ranks over gloo through torchrun: DDP equivalence, FSDP2 resharded resume, failures."""
+"""Two CPU ranks over gloo through torchrun: a run is a function of its global batch (DDP, FSDP2, micro-batches,
+resuming on another world size, at the default LoRA dropout, on prompts of several sizes), failures."""
 
 import json
 import os
@@ -10,13 +11,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from conftest import read_checkpoint_group
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 
 
 def common(tiny: Path, **extra) -> dict:
-    base = {"model.pretrained": str(tiny), "data.cache": "never", "model.lora_dropout": 0.0, "val_cfg.num_prompts": 2,
+    base = {"model.pretrained": str(tiny), "data.cache": "never", "val_cfg.num_prompts": 2,
             "val_cfg.teacher_steps": 4, "eval_interval": 0, "save_interval": 1000}
     base.update(extra)
     return base
@@ -40,47 +43,74 @@ def worker(nproc: int, work_dir: Path, options: dict, config: str | Path = DEMO)
 
 
 @pytest.fixture(scope="module")
-def same_prompts(tmp_path_factory) -> dict:
-    """One repeated prompt makes the batch contents independent of how the sampler deals
-    batches to ranks; noise and rollout draws follow the global sample index anyway."""
-    prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    prompts.write_text("a red circle on a white background\n" * 16)
-    return {"data.source": str(prompts), "data.train.bucketize": False, "data.val.bucketize": False}
+def bucket_prompts(tmp_path_factory) -> dict:
+    """12 training prompts in 3 size buckets (5, 4, 3: each a global batch of 8, topped up), then 8 for
+    validation; the LR is at full strength from the first step, so each update moves the weights."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    sizes = [(64, 64)] * 5 + [(48, 64)] * 4 + [(64, 48)] * 3 + [(64, 64)] * 8
+    path.write_text("".join(json.dumps({"prompt": f"shape {i} in colour {i % 5}", "height": h, "width": w}) + "\n"
+                            for i, (h, w) in enumerate(sizes)))
+    return {"data.source": str(path), "optimizer.warmup_iters": 0}
 
 
 @pytest.fixture(scope="module")
-def one_process(tiny_flux_dir, same_prompts, tmp_path_factory) -> dict:
-    """Global batch 4 in one process: the reference update."""
+def one_process(tiny_flux_dir, bucket_prompts, tmp_path_factory) -> dict:
+    """Global batch 8 in one process: the reference run."""
     work_dir = tmp_path_factory.mktemp("one")
-    return worker(1, work_dir, common(tiny_flux_dir, total_iters=3, **same_prompts, **{"train_cfg.batch_size": 4}))
+    run = worker(1, work_dir, common(tiny_flux_dir, total_iters=2, **bucket_prompts, **{"train_cfg.batch_size": 8}))
+    return {**run, "work_dir": work_dir}
 
 
 def assert_same_update(one: dict, two: dict) -> None:
+    assert [r["iter"] for r in one["metrics"]] == [r["iter"] for r in two["metrics"]] == [1, 2]
     for a, b in zip(one["metrics"], two["metrics"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     for name, (total, l1) in one["ranks"][0].items():
         assert two["ranks"][0][name][0] == pytest.approx(total, rel=1e-4, abs=1e-5), name
         assert two["ranks"][0][name][1] == pytest.approx(l1, rel=1e-4, abs=1e-5), name
 
 
-def test_ddp_matches_one_process_with_the_same_global_batch(tiny_flux_dir, same_prompts, one_process, tmp_path):
-    """Global batch 4 on one process or 2 x 2 on two ranks: the same update."""
-    two = worker(2, tmp_path / "two", common(tiny_flux_dir, total_iters=3, **same_prompts,
-                                             **{"train_cfg.batch_size": 2}))
+def test_ddp_matches_one_process_with_the_same_global_batch(tiny_flux_dir, bucket_prompts, one_process, tmp_path):
+    """Global batch 8 on one process or 2 x 4 on two ranks: the same run."""
+    two = worker(2, tmp_path / "two", common(tiny_flux_dir, total_iters=2, **bucket_prompts,
+                                             **{"train_cfg.batch_size": 4}))
     assert two["ranks"][0] == two["ranks"][1]  # replicas stay identical, bit for bit
     assert_same_update(one_process, two)
     assert "FutureWarning" not in two["output"]  # DDP is built without deprecated flags
 
 
-def test_fsdp2_matches_one_process_with_the_same_global_batch(tiny_flux_dir, same_prompts, one_process, tmp_path):
+def test_fsdp2_matches_one_process_with_the_same_global_batch(tiny_flux_dir, bucket_prompts, one_process, tmp_path):
     """FSDP2 on 2 ranks gives one process's update. FLUX's single-stream blocks return views, which FSDP2
     warns about (an in-place op on them would skip a pre-backward all-gather); nothing modifies them, so
     every gradient arrives, and the warning is silenced at the source."""
-    two = worker(2, tmp_path / "two", common(tiny_flux_dir, total_iters=3, **same_prompts,
-                                             **{"train_cfg.batch_size": 2, "train_cfg.parallel": "fsdp"}))
+    two = worker(2, tmp_path / "two", common(tiny_flux_dir, total_iters=2, **bucket_prompts,
+                                             **{"train_cfg.batch_size": 4, "train_cfg.parallel": "fsdp"}))
     assert two["ranks"][0] == two["ranks"][1]
     assert_same_update(one_process, two)
     assert "returned a view tensor" not in two["output"]
+
+
+def test_micro_batches_on_two_ranks_resume_on_one_rank_as_the_same_run(tiny_flux_dir, bucket_prompts, one_process,
+                                                                        tmp_path):
+    """2 x 4 in micro-batches of 1 (with --diff_seed, as the README's commands pass it) for one iteration, then
+    resumed on 1 rank x 8: the one-process run's losses, gradient norms and weights."""
+    options = common(tiny_flux_dir, total_iters=1, save_interval=1, **bucket_prompts,
+                     **{"train_cfg.batch_size": 4, "train_cfg.grad_accum_batch_size": 1})
+    args = ["tools/train.py", DEMO, "--launcher", "pytorch", "--diff_seed", "--work-dir", str(tmp_path / "run"),
+            "--cfg-options", *[f"{k}={v}" for k, v in options.items()]]
+    proc = torchrun(2, args)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    resumed = worker(1, tmp_path / "run", common(tiny_flux_dir, total_iters=2, **bucket_prompts,
+                                                 **{"train_cfg.batch_size": 8}))
+    assert "saved on 2 ranks" in (tmp_path / "run" / "train.log").read_text()
+    assert_same_update(one_process, resumed)
+    ours = read_checkpoint_group(tmp_path / "run" / "checkpoints" / "iter_0000002", "model")
+    reference = read_checkpoint_group(one_process["work_dir"] / "checkpoints" / "iter_0000002", "model")
+    assert ours.keys() == reference.keys()
+    for key in ours:
+        torch.testing.assert_close(ours[key], reference[key], rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp_resumes_on_another_world_size(tiny_flux_dir, tmp_path):
