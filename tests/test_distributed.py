@@ -114,17 +114,24 @@ def test_micro_batches_on_two_ranks_resume_on_one_rank_as_the_same_run(tiny_flux
 
 
 def test_fsdp_resumes_on_another_world_size(tiny_flux_dir, tmp_path):
-    fsdp = {"train_cfg.parallel": "fsdp", "train_cfg.batch_size": 2, "save_interval": 2}
-    saved = worker(2, tmp_path / "run", common(tiny_flux_dir, total_iters=2, **fsdp))
+    """Global batch 4: 2 ranks x 2 or 1 rank x 4, sharded checkpoints resharded either way."""
+    fsdp = {"train_cfg.parallel": "fsdp", "save_interval": 2}
+    on_two, on_one = {**fsdp, "train_cfg.batch_size": 2}, {**fsdp, "train_cfg.batch_size": 4}
+    saved = worker(2, tmp_path / "run", common(tiny_flux_dir, total_iters=2, **on_two))
     assert (tmp_path / "run" / "checkpoints" / "iter_0000002" / "state.json").is_file()
     # One rank loads the two ranks' shards: the same weights, gathered, with nothing left to train.
-    loaded = worker(1, tmp_path / "run", common(tiny_flux_dir, total_iters=2, **fsdp))
+    loaded = worker(1, tmp_path / "run", common(tiny_flux_dir, total_iters=2, **on_one))
     assert loaded["ranks"][0] == saved["ranks"][0] == saved["ranks"][1]
     # It trains on, saves on one rank, and two ranks pick that up.
-    worker(1, tmp_path / "run", common(tiny_flux_dir, total_iters=4, **fsdp))
-    again = worker(2, tmp_path / "run", common(tiny_flux_dir, total_iters=5, **fsdp))
+    worker(1, tmp_path / "run", common(tiny_flux_dir, total_iters=4, **on_one))
+    again = worker(2, tmp_path / "run", common(tiny_flux_dir, total_iters=5, **on_two))
     assert [r["iter"] for r in again["metrics"]] == [1, 2, 3, 4, 5]
     assert all(r["loss"] == r["loss"] and r["loss"] < 100 for r in again["metrics"])
+    # Another global batch is another run: refused, naming what changed.
+    proc = torchrun(1, ["tests/dist_worker.py", DEMO, str(tmp_path / "run"), str(tmp_path / "x.json"),
+                        *[f"{k}={v}" for k, v in common(tiny_flux_dir, total_iters=6, **on_two).items()]])
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode != 0 and "global_batch_size=4, this run has 2" in output, output[-3000:]
 
 
 def _rank_process(proc: subprocess.Popen, local_rank: int, timeout: float = 120) -> psutil.Process:
