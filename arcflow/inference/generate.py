@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from arcflow.images import save_grid
 from arcflow.inference.commands import Prompt
-from arcflow.models import get_family
+from arcflow.models import check_family_of_pretrained, get_family
 from arcflow.models.adapter import CONFIG_FILE, AdapterConfig, adapter_file
 from arcflow.models.hub import require_pretrained
 
@@ -31,6 +31,7 @@ def generate_grid(base: str, adapter: str, prompts: list[Prompt], out: str | Pat
     torch_dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     family = get_family(AdapterConfig.load(adapter_file(adapter, CONFIG_FILE)).family)
     require_pretrained(base, "--base")
+    check_family_of_pretrained(base, family.name, "--base", f"adapter '{adapter}'")
     pipe = family.pipeline.from_pretrained(base, dtype=torch_dtype)
     if cpu_offload:
         pipe.enable_model_cpu_offload(device=device)

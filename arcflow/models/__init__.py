@@ -45,9 +45,21 @@ def family_of_pretrained(pretrained: str | Path) -> Family | None:
     return None
 
 
+def check_family_of_pretrained(pretrained: str | Path, family: str, key: str, asked_by: str) -> None:
+    """A local base folder of another family than ``family`` is a one-line error naming both, before any weights load.
+
+    A hub id, or a folder whose ``model_index.json`` names no family we know, passes (it cannot be told here).
+    """
+    found = family_of_pretrained(pretrained)
+    if found is not None and found.name != family:
+        raise ValueError(f"{key}: '{pretrained}' is a {found.name} model ({', '.join(found.diffusers_pipelines)}), "
+                         f"but {asked_by} is for the {family} family")
+
+
 def build_backbone(cfg: ModelConfig, device: torch.device, head_seed: int = 0) -> Backbone:
     """The configured teacher, with the student built on it (frozen weights in ``cfg.dtype``)."""
     require_pretrained(cfg.pretrained)
+    check_family_of_pretrained(cfg.pretrained, cfg.backbone, "model.pretrained", f"model.backbone='{cfg.backbone}'")
     return get_family(cfg.backbone).backbone.from_config(cfg, device, head_seed)
 
 
@@ -68,4 +80,4 @@ def build_text_encoder(model: ModelConfig) -> nn.Module:
 
 
 __all__ = ["FAMILIES", "Backbone", "Conditioning", "Family", "build_backbone", "build_text_encoder",
-           "family_of_pretrained", "get_family", "text_encoder_type"]
+           "check_family_of_pretrained", "family_of_pretrained", "get_family", "text_encoder_type"]

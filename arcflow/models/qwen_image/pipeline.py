@@ -40,6 +40,7 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
         width: int | None = None,
         num_inference_steps: int | None = None,
         timestep_ratio: float | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -60,6 +61,7 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
         asking for anything else warns once. ``latents`` are packed (B, N, 64) as in
         QwenImagePipeline and stay float32; ``output_type="latent"`` returns them packed.
 
+        ``guidance_scale`` exists for callers that pass one to every family: the student takes none.
         Without an adapter this is ``QwenImagePipeline.__call__`` (the teacher), and
         ``teacher_kwargs`` (``negative_prompt``, ``true_cfg_scale``, ``sigmas``, ...) are passed on to it.
         """
@@ -69,12 +71,15 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
                 raise ValueError("timestep_ratio needs an ArcFlow adapter; call load_arcflow_adapter() first")
             steps = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
             return super().__call__(
-                prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                prompt=prompt, height=height, width=width, guidance_scale=guidance_scale,
+                num_images_per_prompt=num_images_per_prompt,
                 generator=generator, latents=latents, prompt_embeds=prompt_embeds,
                 prompt_embeds_mask=prompt_embeds_mask, output_type=output_type, return_dict=return_dict,
                 attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs,
                 max_sequence_length=max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH, **steps, **teacher_kwargs)
+        if guidance_scale is not None:
+            teacher_kwargs["guidance_scale"] = guidance_scale
         if teacher_kwargs:
             raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student "
                             "(it distilled the teacher's CFG: no negative prompt, no guidance)")
