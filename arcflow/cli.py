@@ -54,6 +54,10 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{help_text} (default: %(default)s)"
 
 
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """:class:`HelpFormatter` keeping a description's own line breaks (a command shown as typed)."""
+
+
 def cfg_options_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={}, metavar="KEY=VALUE",
                         help="override config keys, e.g. optimizer.lr=5e-5 train_cfg.batch_size=2")
@@ -229,8 +233,9 @@ def run_eval(args: argparse.Namespace) -> dict | None:
     return result
 
 
-def run_cache(args: argparse.Namespace) -> None:
-    """``arcflow cache verify CONFIG``: check every shard of the config's cache against its manifest."""
+def run_cache_verify(args: argparse.Namespace) -> None:
+    """``arcflow cache verify CONFIG``: check every shard, the index and the negative prompt of the config's
+    cache against their hashes; a rerun of ``arcflow cache build`` rebuilds exactly what fails."""
     from arcflow.data.embedding_cache import verify_cache
 
     problems = verify_cache(load_config(args.config, dict(args.cfg_options or {})).data.data_root)
@@ -293,13 +298,30 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=run_demo)
 
 
+@reports_unavailable_model
+def run_cache_build(args: argparse.Namespace) -> None:
+    """``arcflow cache build CONFIG --text-encoder FILE``: tools/cache_image_prompt_data.py (torchrun works too)."""
+    from arcflow.data.cache_command import execute
+
+    execute(args)
+
+
 def add_cache_parser(commands: argparse._SubParsersAction) -> None:
-    cache = commands.add_parser("cache", help="the prompt-embedding cache: verify CONFIG checks every shard",
-                                description=run_cache.__doc__, formatter_class=HelpFormatter)
-    cache.add_argument("action", choices=["verify"], help="what to do with the config's cache")
-    cache.add_argument("config", help="run config: its data.data_root holds the cache")
-    cfg_options_argument(cache)
-    cache.set_defaults(func=run_cache)
+    from arcflow.data.cache_command import __doc__ as build_doc
+    from arcflow.data.cache_command import add_arguments
+
+    cache = commands.add_parser("cache", help="the prompt-embedding cache: build CONFIG embeds the prompts, "
+                                "verify CONFIG checks every file", formatter_class=HelpFormatter)
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION", help="build or verify")
+    build = actions.add_parser("build", help="embed the config's prompt set (tools/cache_image_prompt_data.py)",
+                               description=build_doc, formatter_class=RawDescriptionHelpFormatter)
+    add_arguments(build)
+    build.set_defaults(func=run_cache_build)
+    verify = actions.add_parser("verify", help="check every file of the config's cache against its hashes",
+                                description=run_cache_verify.__doc__, formatter_class=HelpFormatter)
+    verify.add_argument("config", help="run config: its data.data_root holds the cache")
+    cfg_options_argument(verify)
+    verify.set_defaults(func=run_cache_verify)
 
 
 DEMO_ADAPTER = "adapters/arcflux-demo"

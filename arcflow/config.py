@@ -140,12 +140,16 @@ class DataConfig:
     'always': the cache or an error; 'never': always embed on the fly."""
     shard_size: int = 2048
     """Prompts per cache shard file."""
+    cache_storage: str = "bf16"
+    """How the cache stores text rows: 'bf16', or 'fp8' (e4m3, a power-of-two scale per token: half the bytes)."""
     train: PromptsConfig = field(default_factory=PromptsConfig)
     val: PromptsConfig = field(default_factory=PromptsConfig)
 
     def __post_init__(self) -> None:
         if self.cache not in CACHE_MODES:
             raise _error("data.cache", f"must be one of {', '.join(CACHE_MODES)}, got {self.cache!r}")
+        if self.cache_storage not in ("bf16", "fp8"):
+            raise _error("data.cache_storage", f"must be 'bf16' or 'fp8', got {self.cache_storage!r}")
         if self.shard_size < 1:
             raise _error("data.shard_size", f"must be >= 1, got {self.shard_size}")
         for name in ("train", "val"):

@@ -31,9 +31,13 @@ import pyarrow as pa
 import torch
 
 from arcflow.config import PromptsConfig
-from arcflow.data.embedding_cache import CODEC, CachedSplit, cache_split, make_plan, quantize
+from arcflow.data.cache_codec import CODEC, quantize_tokens
+from arcflow.data.embedding_cache import CachedSplit, cache_split, make_plan
 from arcflow.data.prompt_sources import PromptTable
 from arcflow.distributed import DistEnv
+from arcflow.models.base import ConditioningSchema
+
+FLUX_SCHEMA = ConditioningSchema(sequences={"prompt_embeds": None}, vectors=("pooled_prompt_embeds",))
 
 
 def synthetic_table(n: int) -> PromptTable:
@@ -47,12 +51,13 @@ def build_cache(directory: Path, n: int, seq_len: int, seq_dim: int, pooled_dim:
     """Write a cache of ``n`` Gaussian prompts through the real writer; (seconds, manifest)."""
     table = synthetic_table(n)
     generator = torch.Generator().manual_seed(0)
-    encoder = {"type": "synthetic-gaussian", "seq_len": seq_len, "seq_dim": seq_dim, "pooled_dim": pooled_dim}
-    plan = make_plan(table, "train", PromptsConfig(source="synthetic"), encoder, shard_size)
+    encoder = {"type": "synthetic-gaussian", "dims": {"prompt_embeds": seq_dim, "pooled_prompt_embeds": pooled_dim}}
+    plan = make_plan(table, "train", PromptsConfig(source="synthetic"), encoder, shard_size, FLUX_SCHEMA, "fp8")
 
-    def encode(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (0.2 * torch.randn(len(texts), seq_len, seq_dim, generator=generator, dtype=torch.bfloat16),
-                torch.randn(len(texts), pooled_dim, generator=generator))
+    def encode(texts: list[str]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": 0.2 * torch.randn(len(texts), seq_len, seq_dim, generator=generator,
+                                                   dtype=torch.bfloat16),
+                "pooled_prompt_embeds": torch.randn(len(texts), pooled_dim, generator=generator)}
 
     start = time.perf_counter()
     cache_split(table, directory, plan, encode, batch_size, DistEnv())
@@ -76,7 +81,7 @@ def tiny_t5_ratio(tiny_flux: str, prompts: list[str]) -> float:
     from arcflow.models.flux.text_encoder import PretrainedFluxTextEncoder
 
     encoder = PretrainedFluxTextEncoder(tiny_flux, max_sequence_length=512, torch_dtype="float32")
-    codes, _ = quantize(encoder.encode(prompts)["prompt_embeds"])
+    codes, _ = quantize_tokens(encoder.encode(prompts)["prompt_embeds"])
     raw = codes.numpy()
     return sum(len(pa.compress(row, codec=CODEC, asbytes=True)) for row in raw) / raw.nbytes
 

@@ -79,7 +79,7 @@ def test_torchrun_cache_killed_rerun_verified_and_read(tiny_flux_dir, tmp_path):
     rerun = torchrun(TOOL, *command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{len(done)} already complete, {13 - len(done)} to write on 2 rank(s)" in rerun.stdout
-    assert "storage needed: at most" in rerun.stdout and "prompts/s" in rerun.stderr + rerun.stdout
+    assert "storage needed: about" in rerun.stdout and "prompts/s" in rerun.stderr + rerun.stdout
     assert not list((train / "shards").glob("*.tmp-*"))
     manifest = json.loads((train / "manifest.json").read_text())
     assert manifest["num_prompts"] == 196 and len(manifest["shards"]) == 13
@@ -94,7 +94,7 @@ def test_torchrun_cache_killed_rerun_verified_and_read(tiny_flux_dir, tmp_path):
         (height, width), = {(p.height, p.width) for p in batch}
         assert cond["prompt_embeds"].shape == (4, 32, 32) and torch.isfinite(cond["prompt_embeds"]).all()
         assert cond["pooled_prompt_embeds"].shape == (4, 32)
-    assert data.state_dict()["position"] == 6
+    assert data.state_dict()["position"] == 3  # global batches (2 ranks x 4 prompts)
     val = build_val_data(cfg, "cpu")
     assert [p.text for p in val.prompts] == [f"prompt {i}: {i % 7} red cubes on a table" for i in range(196, 200)] * 2
 

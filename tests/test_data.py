@@ -87,7 +87,7 @@ def fake_cache(root: Path, complete: tuple[str, ...], started: tuple[str, ...] =
     for name in complete:
         split = getattr(cfg.data, name)
         (root / name).mkdir(parents=True)
-        manifest = {"format": "arcflow-prompt-cache/1", "complete": True, "max_size": None,
+        manifest = {"format": "arcflow-prompt-cache/2", "complete": True, "max_size": None,
                     "source": {"source": split.source, "split": split.split, "start_ind": split.start_ind,
                                "end_ind": split.end_ind, "height": split.height, "width": split.width},
                     "encoder": {"type": "PretrainedFluxTextEncoder", "max_sequence_length": 32,

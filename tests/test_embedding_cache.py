@@ -14,8 +14,9 @@ from safetensors import safe_open
 
 from arcflow.config import load_config
 from arcflow.data.batches import build_train_data, build_val_data
-from arcflow.data.embedding_cache import (CachedSplit, CacheError, content_hash, dequantize, quantize, read_header,
-                                          shard_path, verify_cache, write_safetensors)
+from arcflow.data.cache_codec import dequantize, quantize
+from arcflow.data.cache_files import content_hash, read_header, write_safetensors
+from arcflow.data.embedding_cache import CachedSplit, CacheError, shard_path, verify_cache
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs/demo/arcflux_tiny_2nfe.py"
@@ -114,7 +115,7 @@ def test_damaged_or_truncated_shard_is_an_error_naming_it(built, tmp_path):
     damaged, truncated = shard_path(train, 1), shard_path(train, 2)
     header, data_start = read_header(damaged)
     raw = bytearray(damaged.read_bytes())
-    raw[data_start + header["t5.blob"]["data_offsets"][0] + 100] ^= 0xFF  # one bit pattern in a T5 row
+    raw[data_start + header["prompt_embeds.blob"]["data_offsets"][0] + 100] ^= 0xFF  # one bit pattern in a T5 row
     damaged.write_bytes(bytes(raw))
     truncated.write_bytes(truncated.read_bytes()[:-10])
     cache = CachedSplit(train)

@@ -1,150 +1,15 @@
-"""Embed a config's prompt set into the sharded prompt-embedding cache under ``data.data_root``.
+"""Embed a config's prompt set into the prompt-embedding cache (see :mod:`arcflow.data.cache_command`).
 
-    torchrun --nnodes=1 --nproc_per_node=4 tools/cache_image_prompt_data.py configs/flux/arcflux_2nfe_k16.py \\
-        --text-encoder configs/flux/_text_encoder.py --max-size 2304128 --launcher pytorch --diff_seed
-
-Caches the training split (at most --max-size prompts, the first of the split) and the validation
-split, with the text encoders of the --text-encoder config (``model.text_encoder``; weights from the
-config's ``model.pretrained``). The shards are dealt to all ranks of all nodes (the cache folder
-must be on a file system every node sees). Restartable: rerun the same command after a stop or a
-crash, and every complete shard is kept. Check the result with ``arcflow cache verify CONFIG``.
+    torchrun --nnodes=1 --nproc_per_node=4 tools/cache_image_prompt_data.py configs/qwen/arcqwen_2nfe_k16.py \\
+        --text-encoder configs/qwen/_text_encoder.py --max-size 2304128 --launcher pytorch --diff_seed
 """
 
-from __future__ import annotations
-
-import argparse
-import shutil
 import sys
-import time
-from pathlib import Path
 
-import pyarrow.compute as pc
-import transformers
-from mmengine.config import Config, DictAction
-from tqdm import tqdm
-
-from arcflow.config import RunConfig, load_config
-from arcflow.data.embedding_cache import (SPLITS, CacheError, cache_split, describe_split, human_bytes, make_plan,
-                                          split_dir, storage_estimate)
-from arcflow.data.prompt_sources import PromptTable, load_prompt_table
-from arcflow.distributed import DistEnv, all_reduce_max, destroy_distributed, init_distributed
-from arcflow.models import build_text_encoder, text_encoder_type
+from arcflow.data.cache_command import load_run_config, main, parse_args
 from arcflow.models.hub import reports_unavailable_model
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="run config: its data section names the prompt set and data_root")
-    parser.add_argument("--text-encoder", required=True,
-                        help="config with model = dict(text_encoder=dict(...)), e.g. configs/flux/_text_encoder.py")
-    parser.add_argument("--max-size", type=int, help="cache at most this many training prompts (the first ones)")
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per text-encoder call")
-    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
-                        help="'pytorch': started by torchrun")
-    parser.add_argument("--diff_seed", action="store_true",
-                        help="accepted as in the training command; embedding draws no random numbers")
-    parser.add_argument("--cfg-options", nargs="+", action=DictAction, default={},
-                        help="override config keys, e.g. data.data_root=/scratch/cache")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1 or (args.max_size is not None and args.max_size < 1):
-        parser.error("--batch-size and --max-size must be >= 1")
-    return args
-
-
-def load_run_config(args: argparse.Namespace) -> RunConfig:
-    """The run config with the --text-encoder file's ``model.text_encoder`` and --max-size applied."""
-    path = Path(args.text_encoder)
-    if not path.is_file():
-        raise SystemExit(f"--text-encoder: config file not found: {path}")
-    encoder = Config.fromfile(str(path)).to_dict().get("model", {}).get("text_encoder")
-    if not isinstance(encoder, dict):
-        raise SystemExit(f"--text-encoder {path}: expected model = dict(text_encoder=dict(type=...)), "
-                         "found no model.text_encoder")
-    options = {"model.text_encoder": encoder}
-    if args.max_size is not None:
-        options["data.train.max_size"] = args.max_size
-    cfg = load_config(args.config, {**options, **dict(args.cfg_options or {})})
-    if not cfg.data.data_root:
-        raise SystemExit(f"{args.config}: data.data_root is empty; set where the cache goes")
-    return cfg
-
-
-def load_tables(cfg: RunConfig, env: DistEnv) -> dict[str, PromptTable]:
-    """Rank 0 reads (downloads, converts) the prompt set first; the others then hit datasets' local cache."""
-    tables: dict[str, PromptTable] = {}
-    for turn in (0, 1):
-        failure = None
-        if env.is_main == (turn == 0):
-            try:
-                tables = {name: load_prompt_table(getattr(cfg.data, name), f"data.{name}") for name in SPLITS}
-            except (ValueError, FileNotFoundError) as err:
-                failure = err
-        if all_reduce_max(float(failure is not None), env):  # a prompt set rank 0 cannot read: it alone says so
-            if failure is not None:
-                raise failure
-            raise SystemExit(1)
-    return tables
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    transformers.utils.logging.disable_progress_bar()
-    env = init_distributed(args.launcher)
-    try:
-        run(args, env)
-    except (CacheError, ValueError, FileNotFoundError) as err:  # the user's data or settings: no traceback
-        raise SystemExit(f"rank {env.rank}: error: {err}") from err
-    finally:
-        destroy_distributed()
-
-
-def run(args: argparse.Namespace, env: DistEnv) -> None:
-    cfg = load_run_config(args)
-    say = tqdm.write if env.is_main else (lambda message: None)
-    tables = load_tables(cfg, env)
-    encoder = build_text_encoder(cfg.model).to(env.device)
-    probe = encoder.encode(["a"])
-    _, seq_len, seq_dim = probe["prompt_embeds"].shape
-    pooled_dim = probe["pooled_prompt_embeds"].shape[-1]
-    te = cfg.model.text_encoder
-    identity = {"type": text_encoder_type(cfg.model), "pretrained": te.pretrained or cfg.model.pretrained,
-                "max_sequence_length": te.max_sequence_length, "dtype": te.dtype or cfg.model.dtype,
-                "seq_len": seq_len, "seq_dim": seq_dim, "pooled_dim": pooled_dim}
-    plans = {name: make_plan(tables[name], name, getattr(cfg.data, name), identity, cfg.data.shard_size)
-             for name in SPLITS}
-
-    total_bytes = total_files = 0
-    for name in SPLITS:
-        text_bytes = int(pc.sum(pc.binary_length(tables[name].texts)).as_py() or 0)
-        size, files = storage_estimate(len(tables[name]), text_bytes, seq_len, seq_dim, pooled_dim, cfg.data.shard_size)
-        total_bytes, total_files = total_bytes + size, total_files + files
-    root = Path(cfg.data.data_root)
-    root.mkdir(parents=True, exist_ok=True)
-    say(f"prompt-embedding cache of {len(tables['train']):,} training + {len(tables['val']):,} validation prompts "
-        f"-> {root}\n  per prompt: T5 {seq_len}x{seq_dim} fp8 = {seq_len * seq_dim:,} B before zstd, "
-        f"pooled {pooled_dim} fp32 = {4 * pooled_dim:,} B\n  storage needed: at most {human_bytes(total_bytes)} "
-        f"in {total_files:,} files (zstd usually stores T5's padding rows in much less); "
-        f"free on that disk: {human_bytes(shutil.disk_usage(root).free)}")
-
-    def encode(texts: list[str]) -> tuple:
-        out = encoder.encode(texts)
-        return out["prompt_embeds"], out["pooled_prompt_embeds"]
-
-    for name in SPLITS:
-        def bar(total: int, name: str = name) -> tqdm:
-            return tqdm(total=total, desc=f"{name} (rank {env.rank} of {env.world_size})", unit="prompt",
-                        dynamic_ncols=True, disable=not env.is_main)
-        start = time.perf_counter()
-        report = cache_split(tables[name], split_dir(root, name), plans[name], encode, args.batch_size, env,
-                             progress=bar, say=say)
-        if report.encoded:
-            seconds = time.perf_counter() - start
-            print(f"rank {env.rank}: {name}: {report.encoded:,} prompts in {seconds:.1f} s "
-                  f"({report.encoded / seconds:,.1f} prompts/s), {human_bytes(report.stored_bytes)}", flush=True)
-        if env.is_main:
-            say(describe_split(split_dir(root, name)))
-    say(f"cache complete; check it with: arcflow cache verify {args.config}")
-
+__all__ = ["load_run_config", "main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(reports_unavailable_model(main)())

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from arcflow.config import PromptsConfig, RunConfig, torch_dtype
-from arcflow.data.embedding_cache import SPLITS, CachedSplit, cache_status, split_dir
+from arcflow.data.embedding_cache import SPLITS, CachedSplit, cache_status, read_manifest, split_dir
 from arcflow.data.prompt_sources import Prompt, PromptTable, load_prompt_table, source_identity
 from arcflow.data.sampler import BucketBatchSampler, bucket_ids
 from arcflow.models import build_text_encoder, text_encoder_type
@@ -60,7 +60,7 @@ def _check_cache_matches(cfg: RunConfig) -> None:
     """The complete cache must hold what the config describes (see the module docstring)."""
     problems = []
     for name in SPLITS:
-        manifest = CachedSplit.read_manifest(split_dir(cfg.data.data_root, name))
+        manifest = read_manifest(split_dir(cfg.data.data_root, name))
         split = getattr(cfg.data, name)
         wanted = {**source_identity(split), "max_size": split.max_size}
         cached = {**manifest["source"], "max_size": manifest.get("max_size")}
@@ -70,7 +70,7 @@ def _check_cache_matches(cfg: RunConfig) -> None:
             if cached.get(key) != value:
                 problems.append(f"data.{name}.{key}: cache {cached.get(key)!r}, config {value!r}")
     encoder = cfg.model.text_encoder
-    built = CachedSplit.read_manifest(split_dir(cfg.data.data_root, "train"))["encoder"]
+    built = read_manifest(split_dir(cfg.data.data_root, "train"))["encoder"]
     if encoder is not None:
         configured = {"type": text_encoder_type(cfg.model), "max_sequence_length": encoder.max_sequence_length}
         for key, value in configured.items():
