@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -233,3 +236,51 @@ def test_storage_benchmark_figures_are_consistent():
     sizes = figures["bytes_per_prompt"]
     assert sizes["fp8"]["32"] < 0.6 * sizes["bf16"]["32"] and 3 * sizes["bf16"]["8"] < sizes["bf16"]["32"]
     assert figures["projection_gb"]["fp8"]["8"] == pytest.approx(sizes["fp8"]["8"] * 1000 / 1e9)
+
+
+# -- the seed's Qwen-Image cache command, word for word -------------------------------------------------
+SEED_COMMAND = ("torchrun --nnodes=1 --nproc_per_node=2 tools/cache_image_prompt_data.py configs/qwen/arcqwen_2nfe_k16.py "
+                "--text-encoder configs/qwen/_text_encoder.py --max-size 2304128 --launcher pytorch --diff_seed")
+
+
+def test_seed_qwen_cache_command_killed_rerun_verified_and_trained_on(tiny_qwen_dir, tmp_path):
+    from test_cache_tool import DYING, free_port
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 36)
+    data = {"data.source": prompts, "data.data_root": tmp_path / "cache", "data.shard_size": 4,
+            "data.train.end_ind": -4, "data.val.start_ind": -4, "data.val.repeat": 1,
+            **{f"data.{split}.{side}": 128 for split in ("train", "val") for side in ("height", "width")}}
+    cfg_options = ["--cfg-options", f"model.pretrained={tiny_qwen_dir}", *[f"{k}={v}" for k, v in data.items()]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": str(free_port())}
+    command = [*shlex.split(SEED_COMMAND), *cfg_options]
+    dying = tmp_path / "dying.py"
+    dying.write_text(DYING)
+    killed = subprocess.run([command[0], *command[1:3], str(dying), *command[3:]], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    train = tmp_path / "cache" / "train"
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    done = len(list((train / "shards").glob("*.safetensors")))
+    assert 0 < done < 8 and not (train / "manifest.json").exists()  # 32 training prompts: 8 shards of 4
+
+    env["PET_MASTER_PORT"] = str(free_port())
+    rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"{done} already complete, {8 - done} to write on 2 rank(s)" in rerun.stdout
+    assert "storage needed: about" in rerun.stdout and "sampled 32 training prompts" in rerun.stdout
+    arcflow_main(["cache", "verify", "configs/qwen/arcqwen_2nfe_k16.py", *cfg_options])
+    assert (tmp_path / "cache" / "negative.safetensors").is_file()
+
+    def train_once(work_dir: Path, **extra) -> str:
+        options = {"model.pretrained": tiny_qwen_dir, **data, "train_cfg.batch_size": 2, "total_iters": 1,
+                   "val_cfg.num_prompts": 2, "val_cfg.teacher_steps": 2, "eval_interval": 0, "save_interval": 1000,
+                   "model.text_encoder.max_sequence_length": 512, **extra}
+        arcflow_main(["train", str(REPO / "configs/demo/arcqwen_tiny_2nfe.py"), "--work-dir", str(work_dir),
+                      "--cfg-options", *[f"{k}={v}" for k, v in options.items()]])
+        return (work_dir / "train.log").read_text()
+
+    log = train_once(tmp_path / "cached")
+    assert f"conditioning source: the prompt-embedding cache {train}" in log
+    fly = train_once(tmp_path / "fly", **{"data.cache": "never"})
+    assert "on the fly" in fly
+    loss = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss"] for run in ("cached", "fly")]
+    assert loss[0] == pytest.approx(loss[1], rel=0.02)  # bf16 rows of a float32 encoder: nearly the same step

@@ -41,7 +41,7 @@ def write_prompts(path: Path, count: int) -> Path:
 
 def options(tiny: Path, prompts: Path, root: Path, **extra) -> dict:
     return {"model.pretrained": str(tiny), "data.source": str(prompts), "data.data_root": str(root),
-            "data.shard_size": 8, "data.train.end_ind": -4, "data.val.start_ind": -4, "data.val.repeat": 2, **extra}
+            "data.shard_size": 8, "data.train.end_ind": -4, "data.val.start_ind": -4, "data.val.repeat": 2, "data.cache_storage": "fp8", **extra}
 
 
 def tool_argv(opts: dict, *extra: str) -> list[str]:

@@ -6,7 +6,6 @@ data = dict(
     data_root='data/demo/preproc_tiny_flux/',
     cache='auto',
     shard_size=16,
-    cache_storage='fp8',
     train=dict(end_ind=-8, height=128, width=128, bucketize=True),
     # The last 8 prompts with fixed noise (the FLUX config: the last 128, twice each).
     val=dict(start_ind=-8, repeat=1, height=128, width=128, bucketize=True))
