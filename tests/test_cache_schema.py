@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -284,3 +285,34 @@ def test_seed_qwen_cache_command_killed_rerun_verified_and_trained_on(tiny_qwen_
     assert "on the fly" in fly
     loss = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])["loss"] for run in ("cached", "fly")]
     assert loss[0] == pytest.approx(loss[1], rel=0.02)  # bf16 rows of a float32 encoder: nearly the same step
+
+
+@pytest.mark.parametrize("victim", ["shards/shard_000001.safetensors", "index.arrow", "manifest.json",
+                                    "../negative.safetensors"])
+def test_flipped_bytes_anywhere_are_named_never_read_as_data(qwen_setup, tmp_path, victim):
+    """Fault injection: a byte flipped at random offsets of each file kind. ``arcflow cache verify`` names
+    the file every time; reading the split either raises an error naming it or returns exactly the
+    undamaged tensors (bytes the reader never uses, such as a shard's copy of the prompt texts)."""
+    clean_root = Path(qwen_setup["opts"]["data.data_root"])
+    clean = CachedSplit(clean_root / "train")
+    batches = [list(range(i, min(i + 8, len(clean.table)))) for i in range(0, len(clean.table), 8)]
+    expected = [clean.load(rows, "cpu", torch.float32) for rows in batches]
+    size = (clean_root / "train" / victim).stat().st_size
+    rng = np.random.default_rng(0)
+    for attempt, offset in enumerate(rng.choice(size, 6, replace=False)):
+        root = tmp_path / f"attempt{attempt}"
+        shutil.copytree(clean_root, root)
+        path = (root / "train" / victim).resolve()
+        raw = bytearray(path.read_bytes())
+        raw[int(offset)] ^= int(rng.integers(1, 256))
+        path.write_bytes(bytes(raw))
+        problems = verify_cache(str(root), say=lambda message: None)
+        assert any(path.name in p for p in problems), (offset, problems)
+        try:
+            split = CachedSplit(root / "train")
+            for rows, reference in zip(batches, expected):
+                cond = split.load(rows, "cpu", torch.float32)
+                assert set(cond) == set(reference) and all(torch.equal(cond[k], reference[k]) for k in cond), offset
+        except CacheError as err:
+            assert path.name in str(err), (offset, err)
+        shutil.rmtree(root)

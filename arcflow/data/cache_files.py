@@ -123,20 +123,20 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise CacheError(f"shard {path}: truncated ({len(raw)} bytes)")
+                raise CacheError(f"{path}: truncated ({len(raw)} bytes)")
             (length,) = struct.unpack("<Q", raw)
             if length > 100_000_000:
-                raise CacheError(f"shard {path}: corrupt header length {length}")
+                raise CacheError(f"{path}: corrupt header length {length}")
             header = json.loads(f.read(length))
         tensors = {k: v for k, v in header.items() if k != "__metadata__"}
         end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
         if not isinstance(header.get("__metadata__"), dict):
             raise TypeError("no __metadata__")
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
-        raise CacheError(f"shard {path}: unreadable header ({type(err).__name__}: {err})") from err
+        raise CacheError(f"{path}: unreadable header ({type(err).__name__}: {err})") from err
     size = path.stat().st_size
     if size != 8 + length + end:
-        raise CacheError(f"shard {path}: {size} bytes on disk, header says {8 + length + end} (truncated or damaged)")
+        raise CacheError(f"{path}: {size} bytes on disk, header says {8 + length + end} (truncated or damaged)")
     return header, 8 + length
 
 
@@ -158,7 +158,7 @@ def check_content(path: Path) -> dict[str, Any]:
     stored = header["__metadata__"].get("sha256")
     actual = content_hash(path)
     if actual != stored:
-        raise CacheError(f"shard {path}: content hash {actual[:16]}... differs from its stored {str(stored)[:16]}... "
+        raise CacheError(f"{path}: content hash {actual[:16]}... differs from its stored {str(stored)[:16]}... "
                          "(damaged)")
     return header
 
@@ -168,10 +168,10 @@ def read_array(path: Path, header: dict[str, Any], start: int, name: str, dtype:
     try:
         begin, end = header[name]["data_offsets"]
     except (KeyError, TypeError, ValueError) as err:
-        raise CacheError(f"shard {path}: damaged header, no tensor {name!r}") from err
+        raise CacheError(f"{path}: damaged header, no tensor {name!r}") from err
     with open(path, "rb") as f:
         f.seek(start + begin)
         data = f.read(end - begin)
     if len(data) != end - begin or len(data) % np.dtype(dtype).itemsize:
-        raise CacheError(f"shard {path}: tensor {name!r} is truncated or damaged")
+        raise CacheError(f"{path}: tensor {name!r} is truncated or damaged")
     return np.frombuffer(data, dtype)
