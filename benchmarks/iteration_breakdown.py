@@ -33,6 +33,7 @@ import arcflow.training.trainer
 from arcflow.cli import TINY_CONFIG
 from arcflow.config import load_config, resolve_dirs
 from arcflow.distributed import DistEnv
+from arcflow.models import lora_dropout
 from arcflow.models.flux.tiny import make_tiny_flux
 from arcflow.training.trainer import Trainer
 
@@ -42,11 +43,12 @@ TINY_FLUX_DIR = "data/demo/tiny-flux"
 TEXT = "data (text encoding or cache read)"
 TEACHER = "teacher forwards"
 STUDENT_FORWARD = "student forward"
+DROPOUT = "LoRA dropout masks (in the student forward)"
 STUDENT_BACKWARD = "student backward"
 ROLLOUT = "policy and rollout math"
 OPTIMIZER = "optimizer step (+ clip, EMA)"
 OTHER = "other"
-COMPONENTS = (TEXT, TEACHER, STUDENT_FORWARD, STUDENT_BACKWARD, ROLLOUT, OPTIMIZER, OTHER)
+COMPONENTS = (TEXT, TEACHER, STUDENT_FORWARD, DROPOUT, STUDENT_BACKWARD, ROLLOUT, OPTIMIZER, OTHER)
 
 
 class ExclusiveTimer:
@@ -117,12 +119,18 @@ def instrumented(trainer: Trainer, timer: ExclusiveTimer) -> Iterator[None]:
         (backbone, "student_policy", timer.timed(ROLLOUT, backbone.student_policy)),
         (backbone, "_forward", forward),
         (arcflow.training.trainer, "segment_loss", timer.timed(ROLLOUT, arcflow.training.trainer.segment_loss)),
+        # Making and applying the masks (keys, hashes, the product); their backward is the student's.
+        (lora_dropout, "_row_keys", timer.timed(DROPOUT, lora_dropout._row_keys)),
+        (lora_dropout, "drop", timer.timed(DROPOUT, lora_dropout.drop)),
         (torch.Tensor, "backward", timer.timed(STUDENT_BACKWARD, torch.Tensor.backward)),
         (torch.nn.utils, "clip_grad_norm_", timer.timed(OPTIMIZER, torch.nn.utils.clip_grad_norm_)),
         (trainer.optimizer, "step", timer.timed(OPTIMIZER, trainer.optimizer.step)),
         (trainer.optimizer, "zero_grad", timer.timed(OPTIMIZER, trainer.optimizer.zero_grad)),
         (trainer.ema, "update", timer.timed(OPTIMIZER, trainer.ema.update)),
     ]
+    if trainer.device.type == "cuda":  # where the masks come from the compiled kernel
+        fused = timer.timed(DROPOUT, lora_dropout.drop_fused())
+        patches.append((lora_dropout, "drop_fused", lambda: fused))
     with ExitStack() as stack:
         for target, name, wrapper in patches:
             stack.enter_context(mock.patch.object(target, name, wrapper))

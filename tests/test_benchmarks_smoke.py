@@ -53,7 +53,8 @@ def test_iteration_breakdown_shares_add_up(breakdown, tiny_flux_dir, tmp_path, m
     assert list(rows) == [*breakdown.COMPONENTS, "total"]
     components = {name: ms for name, (ms, _) in rows.items() if name != "total"}
     assert all(ms >= 0 for ms in components.values())
-    for name in (breakdown.TEACHER, breakdown.STUDENT_FORWARD, breakdown.STUDENT_BACKWARD, breakdown.ROLLOUT):
+    for name in (breakdown.TEACHER, breakdown.STUDENT_FORWARD, breakdown.DROPOUT, breakdown.STUDENT_BACKWARD,
+                 breakdown.ROLLOUT):
         assert components[name] > 0, name
     assert sum(components.values()) == pytest.approx(rows["total"][0], abs=0.5)
     assert sum(share for name, (_, share) in rows.items() if name != "total") == pytest.approx(100, abs=0.5)

@@ -9,7 +9,8 @@ from torch import nn
 from arcflow.config import load_config
 from arcflow.models import build_backbone
 from arcflow.models.base import ADAPTER_NAME
-from arcflow.models.lora_dropout import DropoutKeys, HashDropout, chain_int, hash32, hash32_int, keep_mask
+from arcflow.models.lora_dropout import (DropoutKeys, HashDropout, _row_keys, chain_int, drop, drop_fused, hash32,
+                                         hash32_int, keep_mask)
 
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 
@@ -115,3 +116,19 @@ def test_every_lora_layer_of_the_backbone_gets_hash_dropout(tiny_flux_dir):
     assert slots and all(isinstance(s, HashDropout) and s.p == cfg.model.lora_dropout for s in slots)
     assert sorted(s.layer for s in slots) == list(range(len(slots)))
     assert all(s.keys is backbone.dropout_keys for s in slots)
+
+
+def test_the_fused_kernel_equals_the_eager_definition():
+    """CUDA runs :func:`drop_fused` (one compiled kernel); here it is compiled for the CPU, on two shapes
+    (one compilation: the shapes are dynamic), and must equal the eager function bit for bit."""
+    for shape in ((2, 12, 40), (3, 7, 24)):
+        k = keys(list(range(5, 5 + shape[0])))
+        row, g = _row_keys(torch.Size(shape), k, 3, torch.device("cpu"))
+        x = torch.randn(shape, requires_grad=True)
+        eager = drop(x, row, g, round(0.3 * 2**32), 1 / 0.7)
+        fused = drop_fused()(x, row, g, round(0.3 * 2**32), 1 / 0.7)
+        assert torch.equal(fused, eager)
+        assert torch.equal(eager != 0, keep_mask(torch.Size(shape), 0.3, k, 3, torch.device("cpu")))
+        (grad_fused,) = torch.autograd.grad(fused.sum(), x)
+        (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+        assert torch.equal(grad_fused, grad_eager)

@@ -23,6 +23,9 @@ Kept elements are scaled by 1 / (1 - p), as in ``nn.Dropout``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -75,20 +78,43 @@ class DropoutKeys:
         self.iteration, self.call, self.samples = iteration, call, samples
 
 
-def keep_mask(shape: torch.Size, p: float, keys: DropoutKeys, layer: int, device: torch.device) -> Tensor:
-    """Boolean keep mask of an input of ``shape`` = (B, ..., F) in layer ``layer`` (see the module docstring)."""
+def _row_keys(shape: torch.Size, keys: DropoutKeys, layer: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``row[b, t]`` (B, T) and ``g[f]`` (F,) of an input of ``shape`` = (B, ..., F) in layer ``layer``."""
     samples = keys.samples
     if samples is None or len(samples) != shape[0]:
         got = "no samples" if samples is None else f"{len(samples)} samples"
         raise RuntimeError(f"LoRA dropout in training mode needs the batch's global sample indices "
                            f"(DropoutKeys.set) for its {shape[0]} rows, got {got}")
-    features = shape[-1]
     rows = shape[1:-1].numel()
     layer_key = chain_int(keys.seed, keys.iteration, keys.call, layer)
     sample_key = hash32(hash32(samples.to(device, torch.int64) & MASK32) ^ layer_key)
     row = hash32(hash32(torch.arange(rows, device=device)).view(1, rows) ^ sample_key.view(-1, 1))
-    values = hash32(_feature_hashes(features, device).view(1, 1, features) ^ row.view(shape[0], rows, 1))
-    return (values >= round(p * 2**32)).view(shape)
+    return row, _feature_hashes(shape[-1], device)
+
+
+def _element_hashes(row: Tensor, g: Tensor) -> Tensor:
+    """(B, T, F): ``hash32(g[f] ^ row[b, t])``."""
+    return hash32(g.view(1, 1, -1) ^ row.unsqueeze(-1))
+
+
+def keep_mask(shape: torch.Size, p: float, keys: DropoutKeys, layer: int, device: torch.device) -> Tensor:
+    """Boolean keep mask of an input of ``shape`` = (B, ..., F) in layer ``layer`` (see the module docstring)."""
+    row, g = _row_keys(shape, keys, layer, device)
+    return (_element_hashes(row, g) >= round(p * 2**32)).view(shape)
+
+
+def drop(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
+    """``x`` (B, T, F) with the elements whose hash is below ``threshold`` zeroed and the rest scaled."""
+    return torch.where(_element_hashes(row, g) >= threshold, x * scale, 0.0)
+
+
+@functools.cache
+def drop_fused() -> Callable[[Tensor, Tensor, Tensor, int, float], Tensor]:
+    """:func:`drop` as one kernel (``torch.compile``, built on first use). Eager, every hash step is a
+    pass over an int64 tensor the size of the input, many times the cost of ``nn.Dropout``; fused, it
+    reads the input and writes the output once, like ``nn.Dropout``. The arithmetic is exact integer
+    arithmetic, so both give the same result."""
+    return torch.compile(drop, dynamic=True, fullgraph=True)
 
 
 _FEATURES: dict[tuple[int, torch.device], Tensor] = {}
@@ -103,7 +129,8 @@ def _feature_hashes(features: int, device: torch.device) -> Tensor:
 
 
 class HashDropout(nn.Module):
-    """``nn.Dropout(p)`` with masks from :func:`keep_mask`; the identity in eval mode."""
+    """``nn.Dropout(p)`` with masks from :func:`keep_mask`; the identity in eval mode. On CUDA the
+    mask is made and applied by :func:`drop_fused`; elsewhere eagerly (CPU runs are small)."""
 
     def __init__(self, p: float, layer: int, keys: DropoutKeys):
         super().__init__()
@@ -114,8 +141,11 @@ class HashDropout(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = keep_mask(x.shape, self.p, self.keys, self.layer, x.device)
-        return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+        row, g = _row_keys(x.shape, self.keys, self.layer, x.device)
+        apply = drop_fused() if x.is_cuda else drop
+        out = apply(x.reshape(row.shape[0], row.shape[1], g.shape[0]), row, g, round(self.p * 2**32),
+                    1.0 / (1.0 - self.p))
+        return out.view(x.shape)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, layer={self.layer}"
