@@ -9,6 +9,7 @@ trainer module's ``segment_loss``), removed again when measuring ends.
 Run from the repository root::
 
     python benchmarks/iteration_breakdown.py [CONFIG] [--iters N] [--warmup W] [--json PATH]
+    python benchmarks/iteration_breakdown.py configs/demo/arcqwen_tiny_2nfe.py   # the Qwen-Image recipe
 """
 
 from __future__ import annotations
@@ -33,12 +34,11 @@ import arcflow.training.trainer
 from arcflow.cli import TINY_CONFIG
 from arcflow.config import load_config, resolve_dirs
 from arcflow.distributed import DistEnv
-from arcflow.models import lora_dropout
-from arcflow.models.flux.tiny import make_tiny_flux
+from arcflow.models import get_family, lora_dropout
 from arcflow.training.trainer import Trainer
 
-TINY_FLUX_DIR = "data/demo/tiny-flux"
-"""Where the demo config expects the tiny teacher; only this path is ever generated."""
+TINY_DIRS = ("data/demo/tiny-flux", "data/demo/tiny-qwen-image")
+"""Where the demo configs expect their tiny teachers; only these paths are ever generated."""
 
 TEXT = "data (text encoding or cache read)"
 TEACHER = "teacher forwards"
@@ -207,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device = torch.device(args.device)
     cfg = load_config(args.config, dict(args.cfg_options))
-    if cfg.model.pretrained == TINY_FLUX_DIR and not Path(TINY_FLUX_DIR, "model_index.json").is_file():
-        print(f"making the tiny FLUX-architecture model in {TINY_FLUX_DIR}")
-        make_tiny_flux(TINY_FLUX_DIR, seed=0)
+    tiny = cfg.model.pretrained
+    if tiny in TINY_DIRS and not Path(tiny, "model_index.json").is_file():
+        print(f"making the tiny {cfg.model.backbone} model in {tiny}")
+        get_family(cfg.model.backbone).make_tiny(tiny, 0)
     with tempfile.TemporaryDirectory(prefix="arcflow-bench-") as work_dir:
         trainer = Trainer(resolve_dirs(cfg, work_dir), DistEnv(device=device))
         seconds, steps = measure(trainer, args.iters, args.warmup)

@@ -1,11 +1,12 @@
-"""Parameter and memory figures of the full-size FLUX.1-dev ArcFlow student, without its weights.
+"""Parameter and memory figures of the full-size ArcFlow student (FLUX.1-dev or Qwen-Image), without its weights.
 
-The 12B-parameter teacher cannot be downloaded here, and its counts need no values: the
-architecture is built on the meta device from FLUX.1-dev's published config, and the
-student is made on it by the trainer's own code (:class:`FluxBackbone`), so the figures
+The 12B / 20B-parameter teachers cannot be downloaded here, and their counts need no values:
+the architecture is built on the meta device from the published transformer config, and the
+student is made on it by the trainer's own code (the config family's backbone), so the figures
 follow any change to the LoRA targets, the heads or the norm_out copy.
 
     python benchmarks/param_count.py [--config CONFIG] [--num-modes K] [--lora-rank R]
+    python benchmarks/param_count.py --config configs/qwen/arcqwen_2nfe_k16.py
 """
 
 from __future__ import annotations
@@ -18,18 +19,14 @@ from typing import Any
 from unittest import mock
 
 import torch
-from diffusers import FluxTransformer2DModel
 
 from arcflow.config import ModelConfig, load_config, torch_dtype
-from arcflow.models.flux.backbone import FluxBackbone
+from arcflow.models import get_family
+from arcflow.models.base import TransformerBackbone
 
 REFERENCE_CONFIG = Path(__file__).resolve().parents[1] / "configs/flux/arcflux_2nfe_k16.py"
 
-# black-forest-labs/FLUX.1-dev transformer/config.json.
-FLUX_DEV_ARCHITECTURE: dict[str, Any] = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56))
+TEACHERS = {"flux": "FLUX.1-dev", "qwen_image": "Qwen-Image"}
 
 # Every trainable parameter belongs to exactly one group, matched by this part of its name.
 TRAINABLE_GROUPS = (
@@ -44,7 +41,7 @@ SPEC_MAX_TRAINABLE_PCT = 5.0
 """SPEC §6: the reference trains < 5 % of the parameters."""
 
 
-def build_student(model: ModelConfig, architecture: dict[str, Any]) -> FluxBackbone:
+def build_student(model: ModelConfig, architecture: dict[str, Any]) -> TransformerBackbone:
     """The trainer's student (as ``build_backbone`` makes it) on a weightless teacher.
 
     Two layers get help to stay off real memory without touching package code:
@@ -54,9 +51,10 @@ def build_student(model: ModelConfig, architecture: dict[str, Any]) -> FluxBackb
     device (otherwise 0.6B adapter weights are allocated and initialised on the CPU first).
     """
     dtype = torch_dtype(model.dtype)
+    backbone_class = get_family(model.backbone).backbone
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**architecture)
-    # ModelMixin.to(dtype) warns about fp32-pinned modules even when, as for FLUX, there are none.
+        transformer = backbone_class.transformer_class(**architecture)
+    # ModelMixin.to(dtype) warns about fp32-pinned modules even when, as for FLUX and Qwen-Image, there are none.
     torch.nn.Module.to(transformer, dtype)
     transformer.proj_out.to_empty(device="cpu")
     add_adapter = transformer.add_adapter
@@ -66,7 +64,7 @@ def build_student(model: ModelConfig, architecture: dict[str, Any]) -> FluxBackb
             return add_adapter(*args, **kwargs)
 
     with mock.patch.object(transformer, "add_adapter", add_adapter_on_meta):
-        return FluxBackbone(transformer, num_modes=model.num_modes, lora_rank=model.lora_rank,
+        return backbone_class(transformer, num_modes=model.num_modes, lora_rank=model.lora_rank,
                             lora_alpha=model.lora_alpha, lora_dropout=model.lora_dropout, guidance=model.guidance,
                             compute_dtype=dtype, gradient_checkpointing=model.gradient_checkpointing)
 
@@ -78,7 +76,7 @@ def group_of(name: str) -> str:
     raise ValueError(f"trainable parameter {name!r} is in none of the groups {[g for g, _ in TRAINABLE_GROUPS]}")
 
 
-def count(backbone: FluxBackbone) -> dict[str, Any]:
+def count(backbone: TransformerBackbone) -> dict[str, Any]:
     """Parameter counts by group and the bytes each kind of training state occupies."""
     trainable = dict.fromkeys((group for group, _ in TRAINABLE_GROUPS), 0)
     frozen = frozen_bytes = trainable_bytes = 0
@@ -115,8 +113,9 @@ def count(backbone: FluxBackbone) -> dict[str, Any]:
 def report(figures: dict[str, Any], model: ModelConfig) -> str:
     gib = 2**30
     total = figures["total"]
+    teacher = TEACHERS[model.backbone]
     lines = [
-        f"FLUX.1-dev student: K = {model.num_modes} modes, LoRA rank {model.lora_rank} (alpha {model.lora_alpha:g}), "
+        f"{teacher} student: K = {model.num_modes} modes, LoRA rank {model.lora_rank} (alpha {model.lora_alpha:g}), "
         f"frozen weights {model.dtype}",
         "",
         "| parameters | count | % of total |",
@@ -147,7 +146,7 @@ def report(figures: dict[str, Any], model: ModelConfig) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=REFERENCE_CONFIG,
-                        help="run config whose `model` section is applied (default: the FLUX.1-dev recipe)")
+                        help="run config whose `model` section (family included) is applied (default: the FLUX.1-dev recipe)")
     parser.add_argument("--num-modes", type=int, help="override model.num_modes (K)")
     parser.add_argument("--lora-rank", type=int, help="override model.lora_rank (alpha follows it, as in the recipe)")
     return parser.parse_args(argv)
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = dataclasses.replace(model, num_modes=args.num_modes)
     if args.lora_rank is not None:
         model = dataclasses.replace(model, lora_rank=args.lora_rank, lora_alpha=float(args.lora_rank))
-    figures = count(build_student(model, FLUX_DEV_ARCHITECTURE))
+    figures = count(build_student(model, get_family(model.backbone).full_size))
     print(report(figures, model))
     return figures
 

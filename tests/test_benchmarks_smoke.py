@@ -84,6 +84,27 @@ def test_param_count_full_size_flux(param_count, capsys):
     assert memory["AdamW moments"] == 8 * trainable
 
 
+def test_param_count_full_size_qwen_image(param_count, capsys):
+    figures = param_count.main(["--config", str(REPO / "configs/qwen/arcqwen_2nfe_k16.py")])
+    rows = table_rows(capsys.readouterr().out)
+    assert rows["frozen base (teacher)"][0] == 20_430_401_088  # Qwen-Image's transformer (20.4B)
+    # rank x (in + out): img_mlp in all 60 blocks and txt_mlp in blocks 0..58 (net.0.proj 3072->12288, net.2
+    # 12288->3072), the timestep embedder's linear_1 (256->3072) and linear_2.
+    lora = 256 * ((60 + 59) * 2 * (3072 + 12288) + (256 + 3072) + 2 * 3072)
+    assert figures["trainable_groups"]["LoRA adapters"] == lora
+    assert 4.4 < figures["trainable_pct_of_total"] < 4.6  # SPEC §8: about 4.5 %
+
+
+def test_iteration_breakdown_on_the_tiny_qwen_recipe(breakdown, tiny_qwen_dir, monkeypatch, capsys):
+    """The teacher's true-CFG calls (4 states x 2 steps, 2B rows each) outweigh the student's 2 forwards of B rows."""
+    monkeypatch.chdir(REPO)
+    result = breakdown.main(["configs/demo/arcqwen_tiny_2nfe.py", "--iters", "1", "--warmup", "1", "--device",
+                             "cpu", "--cfg-options", f"model.pretrained={tiny_qwen_dir}", "train_cfg.batch_size=2"])
+    capsys.readouterr()
+    seconds = result["seconds"]
+    assert seconds[breakdown.TEACHER] > seconds[breakdown.STUDENT_FORWARD] > 0
+
+
 def test_param_count_flags(param_count, capsys):
     figures = param_count.main(["--num-modes", "4", "--lora-rank", "8"])
     capsys.readouterr()
@@ -117,6 +138,26 @@ def test_gpu_train_check_builds_full_size_on_meta_and_counts_flops():
     assert all(p.dtype == torch.bfloat16 for p in backbone.parameters() if not p.requires_grad)
     # ~1.25e14 FLOPs per full-size forward at 1024^2; 16 forward-equivalents per prompt per iteration
     assert 1.8e15 < script.flops_per_iteration(cfg, batch=1) < 2.2e15
+
+
+def test_gpu_train_check_qwen_image_scenarios_on_meta():
+    """The Qwen-Image scenarios: the full-size student on meta, true-CFG teacher rows in the FLOP count, and
+    random conditioning of the real encoder's layout (masked rows, a short empty negative prompt)."""
+    from arcflow.config import load_config
+    from arcflow.models import get_family
+
+    script = load_script("gpu_train_check")
+    cfg = load_config(REPO / "configs/qwen/arcqwen_2nfe_k16.py")
+    backbone = script.build_random_backbone(cfg, torch.device("meta"))
+    assert type(backbone).__name__ == "QwenImageBackbone"
+    assert sum(p.numel() for _, p in backbone.trainable_named_parameters()) == 960_687_228  # param_count's figure
+    # ~7.8e13 FLOPs per forward (image stream 4096 tokens, text 512); 4 teacher calls of 2B rows + 4 student
+    # forward-equivalents per student step, 2 steps.
+    assert 1.7e15 < script.flops_per_iteration(cfg, batch=1) < 2.0e15
+    encoder = script.RandomTextEncoder(get_family("qwen_image"), torch.float32)
+    cond, negative = encoder.encode(["a", "b"]), encoder.encode([""])
+    assert cond["prompt_embeds"].shape == (2, 512, 3584) and cond["prompt_embeds_mask"].shape == (2, 512)
+    assert negative["prompt_embeds"].shape == (1, script.NEGATIVE_TOKENS, 3584)
 
 
 def test_inference_speed_times_teacher_and_fused_and_unfused_student(capsys):

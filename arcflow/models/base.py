@@ -334,6 +334,9 @@ class Family:
     """(out_dir, seed) -> a tiny random model of the family in the real on-disk layout."""
     diffusers_pipelines: tuple[str, ...] = field(default=())
     """``model_index.json`` ``_class_name`` values of this family's base models."""
+    full_size: dict[str, Any] = field(default_factory=dict)
+    """The real model's published transformer config (``transformer/config.json``): meta-device figures
+    (parameter counts, the GPU check) build the full-size architecture from it without any download."""
     eval_teacher_steps: int = 50
     """Steps of the teacher's own sampler in the evaluation protocol (with the config's guidance: FLUX.1-dev
     50 steps at guidance 3.5, Qwen-Image 50 steps of true CFG 4.0), as the papers of the field report it."""

@@ -20,6 +20,12 @@ LORA_TARGETS = (
     r"|.*time_text_embed\.timestep_embedder\.linear_[12]"
 )
 
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56)}
+"""black-forest-labs/FLUX.1-dev transformer/config.json."""
+
 
 def latent_image_ids(height: int, width: int, device: torch.device) -> Tensor:
     """RoPE position ids (row, column) of each 2x2 token: (H/2 * W/2, 3)."""

@@ -22,6 +22,11 @@ LORA_TARGETS = (
     r"|.*time_text_embed\.timestep_embedder\.linear_[12]"
 )
 
+QWEN_IMAGE_TRANSFORMER = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56)}
+"""Qwen/Qwen-Image transformer/config.json (SPEC §8): 60 double-stream blocks of width 3072."""
+
 
 def _text_mlp_targets(num_blocks: int) -> str:
     """The text feed-forwards of blocks 0..N-2: the last block's text stream is discarded by the model."""
