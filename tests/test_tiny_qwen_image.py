@@ -119,3 +119,12 @@ def test_empty_negative_and_frozen(encoder: PretrainedQwenImageTextEncoder, pipe
         encoder.encode([])
     with pytest.raises(ValueError, match="max_sequence_length"):
         PretrainedQwenImageTextEncoder("unused", max_sequence_length=2000)
+
+
+def test_cli_writes_the_same_model(tiny_qwen_dir: pathlib.Path, tmp_path: pathlib.Path, capsys) -> None:
+    """The README's ``arcflow tiny DIR --family qwen_image``."""
+    from arcflow.cli import main
+
+    main(["tiny", str(tmp_path / "cli"), "--family", "qwen_image"])
+    assert "wrote" in capsys.readouterr().out
+    assert _digests(tmp_path / "cli") == _digests(tiny_qwen_dir)
