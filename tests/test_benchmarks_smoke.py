@@ -171,3 +171,19 @@ def test_inference_speed_times_teacher_and_fused_and_unfused_student(capsys):
     assert all(row["cpu_seconds"] > 0 and row["seconds"] > 0 for row in rows.values())
     assert figures["speedup_cpu_time"] > 0
     assert "CPU time" in capsys.readouterr().out
+
+
+def test_lora_dropout_cost_counts_flux_masked_elements(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    script = load_script("lora_dropout_cost")
+    result = script.main(["--tokens", "16", "--features", "32", "--repeats", "1", "--no-fused", "--device", "cpu"])
+    tokens = 64 * 64 + 512
+    # by hand: double blocks' ff (3072 and 12288 wide inputs) on image and text tokens, single blocks' proj_mlp
+    # (3072) and proj_out (3072 + 12288), the timestep embedder's two linears (256, 3072) on one row
+    expected = 19 * tokens * (3072 + 12288) + 38 * tokens * (3072 + 3072 + 12288) + 256 + 3072
+    assert result["full_size"]["masked_elements_per_forward"] == expected
+    assert set(result["measured_ns_per_element"]) == {"eager hash masks", "nn.functional.dropout",
+                                                      "one elementwise pass (x * 2)"}
+    for row in result["full_size"]["rows"]:
+        assert row["share_pct"] == pytest.approx(100 * row["mask_sec"] / row["sec_per_iter"])
+    assert "| H100 MFU |" in capsys.readouterr().out
