@@ -83,6 +83,11 @@ def test_matches_the_trainers_sampler_in_n_calls_of_b_rows(setup, tiny_qwen_dir)
     assert images.shape == (1, 3, 32, 48) and torch.isfinite(images).all()
     with pytest.raises(TypeError, match="only apply to the multi-step teacher"):
         pipe("a cat", negative_prompt="", true_cfg_scale=4.0)
+    same = pipe("a cat", height=32, width=48, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images  # the distilled guidance is accepted, and changes nothing
+    assert torch.equal(same, images)
+    with pytest.raises(ValueError, match="distilled its teacher's true CFG at 4.0"):
+        pipe("a cat", guidance_scale=2.0)
 
 
 def test_unload_gives_back_the_teacher(setup, tiny_qwen_dir):
@@ -95,6 +100,10 @@ def test_unload_gives_back_the_teacher(setup, tiny_qwen_dir):
         pipe = arcqwen(tiny_qwen_dir, setup[2], fuse=fuse)
         pipe.unload_arcflow_adapter()
         torch.testing.assert_close(teacher(pipe), teacher(plain), rtol=0, atol=0)
+    # guidance_scale on the teacher is the family's guidance: true CFG against the empty prompt.
+    generic = pipe("a cat", guidance_scale=4.0, height=32, width=32, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+    torch.testing.assert_close(generic, teacher(plain), rtol=0, atol=0)
 
 
 def test_plain_diffusers_loads_the_exported_lora(setup, tiny_qwen_dir):

@@ -61,29 +61,32 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
         asking for anything else warns once. ``latents`` are packed (B, N, 64) as in
         QwenImagePipeline and stay float32; ``output_type="latent"`` returns them packed.
 
-        ``guidance_scale`` exists for callers that pass one to every family: the student takes none.
-        Without an adapter this is ``QwenImagePipeline.__call__`` (the teacher), and
-        ``teacher_kwargs`` (``negative_prompt``, ``true_cfg_scale``, ``sigmas``, ...) are passed on to it.
+        ``guidance_scale`` is the family's teacher guidance, so callers can pass one value to every
+        family: the student distilled it (the adapter's value is accepted, another is an error), and
+        the teacher runs it as true CFG against the empty prompt. Without an adapter this is
+        ``QwenImagePipeline.__call__`` (the teacher), and ``teacher_kwargs`` (``negative_prompt``, ``true_cfg_scale``, ``sigmas``, ...) are passed on to it.
         """
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         if self.arcflow_config is None:
             if timestep_ratio is not None:
                 raise ValueError("timestep_ratio needs an ArcFlow adapter; call load_arcflow_adapter() first")
             steps = {} if num_inference_steps is None else {"num_inference_steps": num_inference_steps}
+            if guidance_scale is not None:  # the family's teacher guidance: true CFG against the empty prompt
+                teacher_kwargs = {"true_cfg_scale": guidance_scale, "negative_prompt": "", **teacher_kwargs}
             return super().__call__(
-                prompt=prompt, height=height, width=width, guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt,
+                prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                 generator=generator, latents=latents, prompt_embeds=prompt_embeds,
                 prompt_embeds_mask=prompt_embeds_mask, output_type=output_type, return_dict=return_dict,
                 attention_kwargs=attention_kwargs, callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=tensor_inputs,
                 max_sequence_length=max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH, **steps, **teacher_kwargs)
-        if guidance_scale is not None:
-            teacher_kwargs["guidance_scale"] = guidance_scale
         if teacher_kwargs:
             raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student "
                             "(it distilled the teacher's CFG: no negative prompt, no guidance)")
         config = self.arcflow_config
+        if guidance_scale is not None and guidance_scale != config.guidance:
+            raise ValueError(f"guidance_scale={guidance_scale}: this student distilled its teacher's true CFG at "
+                             f"{config.guidance} and takes no guidance input; leave guidance_scale out")
         self.check_arcflow_active()
         num_steps = config.nfe if num_inference_steps is None else num_inference_steps
         if num_steps < 2:
