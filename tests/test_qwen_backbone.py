@@ -197,3 +197,16 @@ def test_rollout_with_the_true_cfg_teacher_matches_the_transcription():
         noise.student.double().tolist(), noise.teacher.double().tolist())
     assert loss.item() == pytest.approx(ref_loss, rel=1e-4)
     torch.testing.assert_close(x_next.double(), ref_next, rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_one_is_the_plain_conditional_teacher_in_b_rows():
+    backbone = make_backbone(guidance=1.0)
+    x, sigma = latents()
+    cond = conditioning()
+    calls = []
+    hook = backbone.transformer.register_forward_hook(lambda _m, _a, kw, out: calls.append(kw["hidden_states"].shape[0]),
+                                                      with_kwargs=True)
+    u = backbone.teacher_velocity(x, sigma, cond)
+    hook.remove()
+    assert calls == [2]
+    torch.testing.assert_close(u, direct_guided(backbone, x, sigma, cond, scale=1.0), rtol=1e-4, atol=1e-4)
