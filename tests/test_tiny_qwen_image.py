@@ -67,8 +67,7 @@ def test_template_prefix_is_34_tokens_and_kept_apart_from_the_prompt(pipe: QwenI
         assert pipe.tokenizer.decode(ids[TEMPLATE_PREFIX_TOKENS:]).startswith(prompt + "<|im_end|>")
 
 
-def test_same_seed_same_bytes(tiny_qwen_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    assert _digests(make_tiny_qwen_image(tmp_path / "again", seed=0)) == _digests(tiny_qwen_dir)
+def test_other_seed_other_weights_same_tokenizer(tiny_qwen_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
     other = _digests(make_tiny_qwen_image(tmp_path / "other", seed=1))
     assert other["tokenizer/tokenizer.json"] == _digests(tiny_qwen_dir)["tokenizer/tokenizer.json"]
     assert other["transformer/diffusion_pytorch_model.safetensors"] != _digests(tiny_qwen_dir)[
@@ -121,8 +120,9 @@ def test_empty_negative_and_frozen(encoder: PretrainedQwenImageTextEncoder, pipe
         PretrainedQwenImageTextEncoder("unused", max_sequence_length=2000)
 
 
-def test_cli_writes_the_same_model(tiny_qwen_dir: pathlib.Path, tmp_path: pathlib.Path, capsys) -> None:
-    """The README's ``arcflow tiny DIR --family qwen_image``."""
+def test_cli_writes_the_same_bytes_for_the_same_seed(tiny_qwen_dir: pathlib.Path, tmp_path: pathlib.Path,
+                                                     capsys) -> None:
+    """The README's ``arcflow tiny DIR --family qwen_image`` (seed 0 by default) rebuilds the fixture bit for bit."""
     from arcflow.cli import main
 
     main(["tiny", str(tmp_path / "cli"), "--family", "qwen_image"])
