@@ -28,6 +28,7 @@ from arcflow.images import GRID_INFO_KEY, grid_cell
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 HUB_STOP = "arcflow: error: model.pretrained: black-forest-labs/FLUX.1-dev cannot be fetched from the Hugging Face hub"
+QWEN_STOP = "arcflow: error: model.pretrained: Qwen/Qwen-Image cannot be fetched from the Hugging Face hub"
 PROMPTS_STOP = "error: could not load the hub dataset 'Lakonik/t2i-prompts-3m'"
 PROMPT = "a large red circle on the left on a white background"
 
@@ -48,32 +49,37 @@ def readme_commands() -> list[str]:
 
 
 COMMANDS = readme_commands()
-CHECKS = ("pip install torch==2.13.0 && pip install -e . && arcflow demo",
-          'pip install torch==2.13.0 && pip install -e ".[test]" && pytest',
-          "tensorboard --logdir ",
-          "python tools/train.py configs/flux/",
-          "python tools/train.py configs/demo/",
-          "torchrun --nnodes=1 --nproc_per_node=4 tools/train.py configs/flux/",
-          "torchrun --nnodes={num_of_nodes} ",
-          "torchrun --nnodes=1 --nproc_per_node=4 tools/cache_image_prompt_data.py configs/flux/",
-          "arcflow cache verify configs/flux/",
-          "python tools/export_arcflow_to_diffusers.py ",
-          "arcflow generate ",
-          "arcflow app ",
-          "arcflow sample ",
-          "arcflow eval configs/demo/teacher_arcflux_2nfe.py --ckpt ",
-          "arcflow eval configs/demo/teacher_arcflux_2nfe.py --baseline-steps ")
-"""The start of each README command this file runs, in README order."""
+CHECKS = {
+    "demo": "pip install torch==2.13.0 && pip install -e . && arcflow demo",
+    "test": 'pip install torch==2.13.0 && pip install -e ".[test]" && pytest',
+    "tensorboard": "tensorboard --logdir ",
+    "train_flux": "python tools/train.py configs/flux/",
+    "train_override": "python tools/train.py configs/demo/",
+    "torchrun_flux": "torchrun --nnodes=1 --nproc_per_node=4 tools/train.py configs/flux/",
+    "torchrun_nodes": "torchrun --nnodes={num_of_nodes} ",
+    "cache_flux": "torchrun --nnodes=1 --nproc_per_node=4 tools/cache_image_prompt_data.py configs/flux/",
+    "cache_verify": "arcflow cache verify configs/flux/",
+    "cache_qwen": "torchrun --nnodes=1 --nproc_per_node=4 tools/cache_image_prompt_data.py configs/qwen/",
+    "torchrun_qwen": "torchrun --nnodes=1 --nproc_per_node=4 tools/train.py configs/qwen/",
+    "export": "python tools/export_arcflow_to_diffusers.py ",
+    "generate": "arcflow generate ",
+    "app": "arcflow app ",
+    "sample": "arcflow sample ",
+    "eval_student": "arcflow eval configs/demo/teacher_arcflux_2nfe.py --ckpt ",
+    "eval_baseline": "arcflow eval configs/demo/teacher_arcflux_2nfe.py --baseline-steps ",
+}
+"""Each README command this file runs, by name: how it starts, in README order."""
 
 
-def command(start: str) -> str:
-    (found,) = [line for line in COMMANDS if line.startswith(start)]
+def command(name: str) -> str:
+    """The README's command called ``name`` here."""
+    (found,) = [line for line in COMMANDS if line.startswith(CHECKS[name])]
     return found
 
 
 def test_every_readme_command_is_run_here() -> None:
     """A command added to the README without a check here fails, as does a check whose command is gone."""
-    owners = [[start for start in CHECKS if line.startswith(start)] for line in COMMANDS]
+    owners = [[name for name, start in CHECKS.items() if line.startswith(start)] for line in COMMANDS]
     assert all(len(owner) == 1 for owner in owners), [line for line, o in zip(COMMANDS, owners) if len(o) != 1]
     assert [owner[0] for owner in owners] == list(CHECKS)
     assert len(code_blocks("python")) == 1
@@ -85,8 +91,8 @@ def test_ci_runs_the_install_and_test_command_as_written() -> None:
     assert "tools/readme_command.py test" in ci
     out = subprocess.run([sys.executable, "tools/readme_command.py", "test"], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
-    assert out.strip() == command(CHECKS[1])
-    demo = command(CHECKS[0])
+    assert out.strip() == command("test")
+    demo = command("demo")
     assert demo.rsplit(" && ", 1)[0] == out.strip().replace('".[test]"', ".").rsplit(" && ", 1)[0]
 
 
@@ -99,8 +105,15 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def environment(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **extra}
+    """The hub offline, and torchrun's default port (PET_MASTER_PORT) a free one, as other jobs may hold 29500."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PET_MASTER_PORT": str(free_port()), **extra}
     env.pop("RANK", None)
     return env
 
@@ -113,17 +126,12 @@ def run(line: str, cwd: Path, timeout: float = 900, check: bool = True) -> subpr
     return done
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.parametrize("start, stop", [(CHECKS[3], HUB_STOP), (CHECKS[5], HUB_STOP), (CHECKS[6], HUB_STOP),
-                                         (CHECKS[7], PROMPTS_STOP)])
-def test_hub_commands_stop_at_once_with_what_to_do(scratch: Path, start: str, stop: str) -> None:
-    """Without FLUX.1-dev (or its prompt set) on the machine, each FLUX command says so once, in one line."""
-    line = command(start)
+@pytest.mark.parametrize("name, stop", [("train_flux", HUB_STOP), ("torchrun_flux", HUB_STOP),
+                                        ("torchrun_nodes", HUB_STOP), ("cache_flux", PROMPTS_STOP),
+                                        ("cache_qwen", PROMPTS_STOP), ("torchrun_qwen", QWEN_STOP)])
+def test_hub_commands_stop_at_once_with_what_to_do(scratch: Path, name: str, stop: str) -> None:
+    """Without the teacher (or its prompt set) on the machine, each command says so once, in one line."""
+    line = command(name)
     if "{num_of_nodes}" in line:  # the multi-node template, filled in for one node
         line = (line.replace("{num_of_nodes}", "1").replace("{num_of_gpus_per_node}", "2")
                 .replace("<NODE_RANK>", "0").replace("<MASTER_ADDR>", "127.0.0.1")
@@ -133,11 +141,11 @@ def test_hub_commands_stop_at_once_with_what_to_do(scratch: Path, start: str, st
     assert done.returncode != 0
     assert output.count(stop) == 1, output[-3000:]
     assert "[arcflow] rank" not in output and "arcflow/models" not in output  # no per-rank report, no traceback
-    assert not (scratch / "checkpoints").exists()
+    assert not list(scratch.glob("checkpoints/*/iter_*"))  # nothing was trained or saved
 
 
 def test_cache_verify_names_what_is_missing(scratch: Path) -> None:
-    done = run(command(CHECKS[8]), scratch, check=False)
+    done = run(command("cache_verify"), scratch, check=False)
     assert done.returncode == 1
     assert "data/t2i_prompts_3m/preproc_flux/train: absent; run tools/cache_image_prompt_data.py" in done.stderr
 
@@ -145,14 +153,14 @@ def test_cache_verify_names_what_is_missing(scratch: Path) -> None:
 @pytest.fixture(scope="module")
 def demo(scratch: Path) -> Path:
     """The first command's demo, as written, in the scratch directory."""
-    done = run(command(CHECKS[0]).rsplit(" && ", 1)[1], scratch, timeout=1800)
+    done = run(command("demo").rsplit(" && ", 1)[1], scratch, timeout=1800)
     assert "| arcflow_student_2nfe | 2 |" in done.stdout
     assert (scratch / "checkpoints" / "teacher_arcflux_2nfe").is_dir()
     return scratch
 
 
 def test_training_override_command(demo: Path) -> None:
-    line = command(CHECKS[4])
+    line = command("train_override")
     run(line, demo)
     work_dir = demo / line.split("--work-dir ")[1].split()[0]
     logged = [json.loads(row) for row in (work_dir / "metrics.jsonl").read_text().splitlines()]
@@ -181,13 +189,13 @@ def serves(line: str, cwd: Path, url: str, timeout: float = 300) -> str:
 
 def test_tensorboard_shows_the_run(demo: Path) -> None:
     port = free_port()
-    page = serves(f"{command(CHECKS[2])} --port {port}", demo, f"http://127.0.0.1:{port}/data/runs")
+    page = serves(f"{command('tensorboard')} --port {port}", demo, f"http://127.0.0.1:{port}/data/runs")
     assert json.loads(page) == ["."]
 
 
 @pytest.fixture(scope="module")
 def exported(demo: Path) -> Path:
-    run(command(CHECKS[9]), demo)
+    run(command("export"), demo)
     adapter = demo / "adapters" / "arcflux-demo"
     config = json.loads((adapter / "arcflow_config.json").read_text())
     assert config["max_sequence_length"] == 32 and config["resolutions"] == [[64, 64]]
@@ -196,8 +204,8 @@ def exported(demo: Path) -> Path:
 
 def test_generate_equals_sample_of_the_same_checkpoint(demo: Path, exported: Path) -> None:
     """The exported adapter through diffusers gives the trainer's own sample: same prompt, seed 0."""
-    run(command(CHECKS[10]), demo)
-    run(command(CHECKS[12]), demo)
+    run(command("generate"), demo)
+    run(command("sample"), demo)
     generated = np.asarray(grid_cell(demo / "grid.png", 0, 0), dtype=np.float64)
     sampled = np.asarray(Image.open(demo / "sample.png").convert("RGB"), dtype=np.float64)
     assert generated.shape == sampled.shape == (64, 64, 3)
@@ -217,15 +225,15 @@ def test_python_snippet_on_the_demo_teacher(demo: Path, exported: Path) -> None:
 
 
 def test_app_serves_the_demo(demo: Path, exported: Path) -> None:
-    line = command(CHECKS[11])
+    line = command("app")
     page = serves(line, demo, "http://127.0.0.1:7860/")
     assert "gradio" in page.lower()
 
 
-@pytest.mark.parametrize("start, sampler, folder", [(CHECKS[13], "student_2nfe", "student"),
-                                                   (CHECKS[14], "teacher_8step", "teacher_8step")])
-def test_eval_commands_write_the_table(demo: Path, start: str, sampler: str, folder: str) -> None:
-    done = run(command(start), demo)
+@pytest.mark.parametrize("name, sampler, folder", [("eval_student", "student_2nfe", "student"),
+                                                  ("eval_baseline", "teacher_8step", "teacher_8step")])
+def test_eval_commands_write_the_table(demo: Path, name: str, sampler: str, folder: str) -> None:
+    done = run(command(name), demo)
     work_dir = demo / "work_dirs" / "teacher_arcflux_2nfe" / f"eval_{sampler}"
     metrics = json.loads((work_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["prompt_accuracy"] <= 1.0 and metrics["latent_mse"] >= 0.0
