@@ -22,6 +22,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from arcflow.checksums import write_checksums
 from arcflow.config import RunConfig
 from arcflow.models import Family, get_family
 from arcflow.models.adapter import (CONFIG_FILE, DTYPES, HEADS_FILE, LORA_FILE, AdapterConfig, check_shapes,
@@ -181,6 +182,7 @@ def write_adapter(out_dir: str | Path, lora: dict[str, Tensor], heads: dict[str,
             guidance=config.guidance, pipeline=get_family(config.family).pipeline.__name__,
             text=config.max_sequence_length, sizes=", ".join(f"{h}x{w}" for h, w in config.resolutions[:8])),
             encoding="utf-8")
+        write_checksums(staging)
         staging.chmod(0o755)
         old = None
         if out.exists():

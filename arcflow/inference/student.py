@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from arcflow.config import RunConfig, TextEncoderConfig, torch_dtype
 from arcflow.images import save_grid
@@ -22,7 +21,7 @@ from arcflow.inference.export import join_student_state
 from arcflow.method.sampling import sample_student
 from arcflow.models import build_backbone, build_text_encoder
 from arcflow.models.adapter import (CONFIG_FILE, HEADS_FILE, LORA_FILE, AdapterConfig, adapter_file, check_shapes,
-                                    settings_outside)
+                                    read_safetensors, settings_outside)
 from arcflow.training import checkpoint as ckpt
 
 
@@ -85,8 +84,8 @@ def load_adapter_student(cfg: RunConfig, adapter: str | Path, device: torch.devi
     model = dataclasses.replace(cfg.model, num_modes=config.num_modes, lora_rank=config.lora_rank,
                                 lora_alpha=config.lora_alpha, guidance=config.guidance)
     backbone = build_backbone(model, device)
-    tensors = join_student_state(load_file(adapter_file(folder, LORA_FILE)),
-                                 load_file(adapter_file(folder, HEADS_FILE)))
+    tensors = join_student_state(read_safetensors(adapter_file(folder, LORA_FILE)),
+                                 read_safetensors(adapter_file(folder, HEADS_FILE)))
     params = dict(backbone.trainable_named_parameters())
     check_shapes({k: tuple(v.shape) for k, v in tensors.items()}, {k: tuple(p.shape) for k, p in params.items()},
                  f"adapter '{folder}' does not fit model.pretrained='{cfg.model.pretrained}'")

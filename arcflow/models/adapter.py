@@ -29,10 +29,11 @@ from typing import Any, Sequence
 
 from huggingface_hub import hf_hub_download
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from arcflow.checksums import read_checksums, verify_file
 from arcflow.models.base import ADAPTER_NAME, OutputSwitch, student_output_layers
 
 CONFIG_FILE = "arcflow_config.json"
@@ -193,6 +194,9 @@ def adapter_file(path_or_hub_id: str | Path, filename: str, subfolder: str | Non
     if local.is_dir():
         if not (local / filename).is_file():
             raise FileNotFoundError(f"ArcFlow adapter folder '{local}' has no {filename}")
+        recorded = read_checksums(local)  # None for a folder exported by an older arcflow
+        if recorded is not None:
+            verify_file(local, filename, recorded, "ArcFlow adapter")
         return local / filename
     if Path(path_or_hub_id).exists():
         raise NotADirectoryError(f"ArcFlow adapter '{path_or_hub_id}' must be a folder (made by `arcflow export`)")
@@ -203,10 +207,21 @@ def adapter_file(path_or_hub_id: str | Path, filename: str, subfolder: str | Non
                                 f"(no such folder, and the hub says: {err})") from None
 
 
+def read_safetensors(path: Path) -> dict[str, Tensor]:
+    """All tensors of an adapter's safetensors file; a truncated or damaged one is named."""
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"'{path}' is not a readable safetensors file (truncated or damaged?): {err}") from None
+
+
 def _check_lora_rank(path: Path, rank: int) -> None:
     """The LoRA file must agree with the adapter config (read from the header, not the tensors)."""
-    with safe_open(str(path), framework="pt") as f:
-        ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if ".lora_A." in key}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ranks = {f.get_slice(key).get_shape()[0] for key in f.keys() if ".lora_A." in key}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"'{path}' is not a readable safetensors file (truncated or damaged?): {err}") from None
     if ranks != {rank}:
         raise ValueError(f"'{path}' has LoRA rank {sorted(ranks)}, but {CONFIG_FILE} says lora_rank={rank}")
 
@@ -281,7 +296,7 @@ class ArcFlowAdapterMixin:
         lora_path = adapter_file(path_or_hub_id, LORA_FILE, subfolder)
         _check_lora_rank(lora_path, config.lora_rank)
         layers = student_output_layers(transformer, config.num_modes)
-        tensors = load_file(heads_path)
+        tensors = read_safetensors(heads_path)
         check_shapes({k: tuple(v.shape) for k, v in tensors.items()},
                      {k: tuple(v.shape) for k, v in layers.state_dict().items()},
                      f"'{heads_path}' (K={config.num_modes}, base '{config.base_model}') does not fit this transformer")

@@ -17,7 +17,6 @@ entries stored in plain files of the folder; the load planner refuses DCP's pick
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -41,14 +40,14 @@ from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadat
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.tensor import DTensor
 
+from arcflow.checksums import DamagedFile as CheckpointDamaged
+from arcflow.checksums import verify_folder, write_checksums
 from arcflow.distributed import DistEnv, all_reduce_max
 
 log = logging.getLogger("arcflow")
 
 _ITER_DIR = re.compile(r"^iter_(\d+)$")
 STATE_FILE = "state.json"
-CHECKSUM_FILE = "checksums.json"
-_HASH_CHUNK = 16 << 20
 # How a damaged pickle fails; none of these can come from code past the allow-list running.
 _PICKLE_DAMAGE = (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
                   OverflowError, MemoryError, RecursionError)
@@ -62,10 +61,6 @@ _SAFE_GLOBALS = frozenset({
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath"),
     ("collections", "OrderedDict"),
 })
-
-
-class CheckpointDamaged(ValueError):
-    """A checkpoint's files are missing, truncated or altered since they were saved."""
 
 
 class NonFiniteCheckpoint(ValueError):
@@ -162,53 +157,12 @@ def first_non_finite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_digest(files: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def write_checksums(folder: Path) -> None:
-    """Record size and SHA-256 of every file of ``folder`` in its checksums file, which carries its own digest."""
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUM_FILE}
-    manifest = {"algorithm": "sha256", "files": files, "digest": _manifest_digest(files)}
-    (folder / CHECKSUM_FILE).write_text(json.dumps(manifest, indent=1))
-
-
 def verify_checkpoint(path: str | Path) -> None:
     """Raise :class:`CheckpointDamaged` naming the file unless every file matches its recorded checksum."""
     path = Path(path)
-    manifest_file = path / CHECKSUM_FILE
-    if not manifest_file.is_file():
+    if not verify_folder(path, "checkpoint"):
         warnings.warn(f"checkpoint '{path}' records no checksums (saved by an older arcflow): its bytes cannot be "
                       f"checked", UserWarning, stacklevel=2)
-        return
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-        valid = manifest["digest"] == _manifest_digest(files)
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointDamaged(f"checkpoint file '{manifest_file}' is damaged ({type(err).__name__}: {err})") \
-            from None
-    if not valid or not isinstance(files, dict):
-        raise CheckpointDamaged(f"checkpoint file '{manifest_file}' is damaged (its digest does not match)")
-    for name, record in files.items():
-        file = path / name
-        if Path(name).name != name or not file.is_file():
-            raise CheckpointDamaged(f"checkpoint '{path}' is incomplete: missing file '{name}'")
-        size = file.stat().st_size
-        if size != record["bytes"]:
-            raise CheckpointDamaged(f"checkpoint file '{file}' is truncated or extended: {size} bytes, "
-                                    f"{record['bytes']} when saved")
-        if file_sha256(file) != record["sha256"]:
-            raise CheckpointDamaged(f"checkpoint file '{file}' is damaged: its SHA-256 differs from the one saved")
 
 
 def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],

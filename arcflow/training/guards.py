@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -37,3 +38,20 @@ def check_writable(path: str | Path, what: str) -> None:
             pass
     except OSError as err:
         raise PermissionError(f"{what} '{folder}' is not writable: {err.strerror or err}") from None
+
+
+def drop_records_after(path: Path, iteration: int) -> None:
+    """Keep the JSON-lines records of ``path`` up to ``iteration`` (and none cut short by a kill), atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int) and record["iter"] <= iteration:
+            kept.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

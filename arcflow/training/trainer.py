@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import resource
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,7 @@ from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma, t
 from arcflow.models import build_backbone
 from arcflow.models.base import Backbone, Conditioning
 from arcflow.training import checkpoint as ckpt
-from arcflow.training.guards import Divergence, check_writable, reduce_step
+from arcflow.training.guards import Divergence, check_writable, drop_records_after, reduce_step
 from arcflow.training.optim import EMA, build_optimizer, set_lr
 from arcflow.training.parallel import gradient_sync, parallelize, shard_text_encoder
 from arcflow.training.validation import Validator
@@ -193,8 +194,13 @@ class Trainer:
     def fit(self) -> None:
         """Train to ``total_iters``; on SIGINT/SIGTERM stop every rank at an iteration boundary."""
         cfg = self.cfg
-        self._setup_logging()
         self.resume()
+        self._setup_logging()
+        if self.iteration >= cfg.total_iters and self.env.is_main:
+            message = (f"nothing to train: the checkpoint is at iteration {self.iteration} and total_iters="
+                       f"{cfg.total_iters}; raise total_iters to continue")
+            log.warning(message)
+            print(f"[arcflow] {message}", file=sys.stderr, flush=True)
         if self.iteration == 0 and cfg.eval_interval > 0:
             self.validate()
         progress = tqdm(total=cfg.total_iters, initial=self.iteration, desc="distill", dynamic_ncols=True,
@@ -233,7 +239,12 @@ class Trainer:
         n_all = sum(p.numel() for p in self.backbone.parameters())
         if not self.env.is_main:
             return
-        self.writer = SummaryWriter(str(self.work_dir / "tensorboard"))
+        # What an interrupted run logged after its checkpoint (or at all, without one) is logged again: drop it,
+        # so each iteration appears once. A run from scratch validates iteration 0 again too.
+        first_new = self.iteration + 1 if self.iteration else 0
+        drop_records_after(self.work_dir / "metrics.jsonl", self.iteration)
+        drop_records_after(self.work_dir / "val_metrics.jsonl", first_new - 1)
+        self.writer = SummaryWriter(str(self.work_dir / "tensorboard"), purge_step=first_new)
         (self.work_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=1))
         log.info("world size %d, parallel %s, device %s", self.env.world_size, self.cfg.train_cfg.parallel,
                  self.device)
@@ -299,11 +310,11 @@ class Trainer:
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Continue from ``path`` or the latest checkpoint of this run, if any (any world size)."""
-        path = Path(path) if path else ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
-        if path is None:
+        chosen = Path(path) if path else ckpt.latest_good_checkpoint(self.cfg.checkpoint_dir, self.env)
+        if chosen is None:
             return False
         tensors, _ = self._checkpoint_tensors()
-        state = ckpt.load_checkpoint(path, tensors)
+        state = ckpt.load_checkpoint(chosen, tensors, verify=path is not None)  # else rank 0 just verified it
         optim = {"state": {}, "param_groups": get_optimizer_state_dict(self.backbone, self.optimizer)["param_groups"]}
         for flat, value in {**tensors["optimizer"], **state["optimizer_scalars"]}.items():
             name, key = flat.rsplit("/", 1)
@@ -312,5 +323,5 @@ class Trainer:
         self.ema.num_updates = int(state["ema_updates"])
         self.data.load_state_dict(state["data"])
         self.iteration = int(state["iteration"])
-        log.info("resumed from %s at iteration %d (saved on %d ranks)", path, self.iteration, state["world_size"])
+        log.info("resumed from %s at iteration %d (saved on %d ranks)", chosen, self.iteration, state["world_size"])
         return True
