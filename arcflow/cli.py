@@ -14,7 +14,7 @@ import transformers
 from mmengine.config import DictAction
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from arcflow.config import RunConfig, load_config, resolve_dirs
+from arcflow.config import ConfigError, RunConfig, load_config, resolve_dirs
 from arcflow.distributed import destroy_distributed, init_distributed
 from arcflow.inference.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
 from arcflow.models.hub import ModelUnavailable, reports_unavailable_model
@@ -80,7 +80,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     options = dict(args.cfg_options or {})
     if getattr(args, "seed", None) is not None:
         options["train_cfg.seed"] = args.seed
-    return resolve_dirs(load_config(args.config, options), args.work_dir)
+    try:
+        return resolve_dirs(load_config(args.config, options), args.work_dir)
+    except (ConfigError, FileNotFoundError) as err:  # the user's file or value: one line, no traceback
+        raise SystemExit(f"arcflow: error: {err}") from None
 
 
 @record
@@ -90,7 +93,10 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     from arcflow.training.trainer import Trainer
 
     cfg = config_from_args(args)
-    env = init_distributed(args.launcher)
+    try:
+        env = init_distributed(args.launcher)
+    except RuntimeError as err:  # a launch that does not match --launcher: one line, before any work
+        raise SystemExit(f"arcflow: error: {err}") from None
     try:
         Trainer(cfg, env).fit()
     except BaseException as err:
@@ -387,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Per-file "Loading weights" bars of transformers would bury the training progress bar.
     transformers.utils.logging.disable_progress_bar()
-    args.func(args)
+    try:
+        args.func(args)
+    except ConfigError as err:
+        raise SystemExit(f"arcflow: error: {err}") from None
 
 
 if __name__ == "__main__":

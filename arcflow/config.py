@@ -5,6 +5,7 @@ key and the nearest valid one, instead of being silently ignored.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import os
@@ -47,6 +48,14 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     text_encoder: TextEncoderConfig | None = None
 
+    def __post_init__(self) -> None:
+        if self.num_modes < 1:
+            raise _error("model.num_modes", f"must be >= 1 (K Gaussian modes per patch), got {self.num_modes}")
+        if self.lora_rank < 0:
+            raise _error("model.lora_rank", f"must be >= 0, got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise _error("model.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+
 
 @dataclass
 class DistillConfig:
@@ -61,6 +70,10 @@ class DistillConfig:
     total_substeps: int = 128
     dropout: float = 0.1
     loss_scale: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.nfe < 2:  # SPEC §3: export, generate and the pipelines refuse fewer, so training does too
+            raise _error("distill.nfe", f"must be >= 2 student steps, got {self.nfe}")
 
 
 @dataclass
@@ -95,6 +108,16 @@ class TrainConfig:
     """"ddp": replicate, all-reduce trainable gradients; "fsdp": FSDP2-shard everything per block."""
     skip_non_finite_steps: int = 0
     """Steps with a non-finite loss or gradient norm to skip (logged) before stopping; 0: stop at the first."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise _error("train_cfg.batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.grad_accum_batch_size is not None and self.grad_accum_batch_size < 1:
+            raise _error("train_cfg.grad_accum_batch_size", f"must be >= 1 or None, got {self.grad_accum_batch_size}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise _error("train_cfg.parallel", f"must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.skip_non_finite_steps < 0:
+            raise _error("train_cfg.skip_non_finite_steps", f"must be >= 0, got {self.skip_non_finite_steps}")
 
 
 @dataclass
@@ -293,8 +316,12 @@ class RunConfig:
                 raise _error(key, f"must be >= 1, got {getattr(self, key)}")
 
 
-def _error(path: str, message: str) -> ValueError:
-    return ValueError(f"config key '{path}': {message}")
+class ConfigError(ValueError):
+    """A config file or value the run cannot use; the message names the file or key."""
+
+
+def _error(path: str, message: str) -> ConfigError:
+    return ConfigError(f"config key '{path}': {message}")
 
 
 def _build(tp: Any, value: Any, path: str, source: str) -> Any:
@@ -334,7 +361,7 @@ def _from_dict(cls: type, values: dict, prefix: str, source: str) -> Any:
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
             hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
-            raise ValueError(f"unknown config key '{path}' in {source}{hint} (valid keys here: {', '.join(names)})")
+            raise ConfigError(f"unknown config key '{path}' in {source}{hint} (valid keys here: {', '.join(names)})")
         kwargs[key] = _build(hints[key], value, path, source)
     return cls(**kwargs)
 
@@ -344,12 +371,37 @@ def load_config(path: str | os.PathLike, options: dict[str, Any] | None = None) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    cfg = Config.fromfile(str(path))
+    try:
+        cfg = Config.fromfile(str(path))
+    except SyntaxError as err:  # mmengine names neither the file nor which of the _base_ chain it is
+        file, line, what = _syntax_error(path) or (path, err.lineno, err.msg)
+        raise ConfigError(f"config file '{file}' line {line}: syntax error: {what}") from None
     if options:
         cfg.merge_from_dict(options)
     values = {k: v for k, v in cfg.to_dict().items() if not k.startswith("_")}
     values.setdefault("name", path.stem)
     return _from_dict(RunConfig, values, "", str(path))
+
+
+def _syntax_error(path: Path, seen: frozenset[Path] = frozenset()) -> tuple[Path, int | None, str] | None:
+    """The first file of ``path`` and its ``_base_`` chain that does not parse: (file, line, message)."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as err:
+        return path, err.lineno, err.msg
+    except (OSError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_base_" for t in node.targets):
+            try:
+                bases = ast.literal_eval(node.value)
+            except ValueError:
+                return None
+            for base in [bases] if isinstance(bases, str) else bases:
+                base_path = (path.parent / base).resolve()
+                if base_path not in seen and (found := _syntax_error(base_path, seen | {path.resolve()})):
+                    return found
+    return None
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -42,6 +42,10 @@ def init_distributed(launcher: str) -> DistEnv:
         raise ValueError(f"--launcher must be 'none' or 'pytorch', got {launcher!r}")
     use_cuda = torch.cuda.is_available()
     if launcher == "none":
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and "TORCHELASTIC_RUN_ID" in os.environ:  # each of them would run the whole job
+            raise RuntimeError(f"started by torchrun with {world} processes but with --launcher none: each would run "
+                               "the whole job into the same work dir; add --launcher pytorch")
         return DistEnv(device=torch.device("cuda", 0) if use_cuda else torch.device("cpu"))
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -53,6 +57,13 @@ def init_distributed(launcher: str) -> DistEnv:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
                             device_id=device if use_cuda else None)
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """A process group of this process alone (an in-memory store), for what needs one on one rank (FSDP2)."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1, device_id=device if device.type == "cuda" else None)
 
 
 def destroy_distributed(graceful: bool = True) -> None:

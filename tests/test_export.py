@@ -13,6 +13,7 @@ from diffusers import FluxPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from arcflow.checksums import CHECKSUM_FILE
 from arcflow.cli import main
 from arcflow.config import load_config
 from arcflow.distributed import DistEnv
@@ -55,7 +56,7 @@ def test_tool_writes_a_folder_diffusers_loads(run_dir, tiny_flux_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert {p.name for p in out.iterdir()} == {CONFIG_FILE, LORA_FILE, HEADS_FILE, "README.md"}
+    assert {p.name for p in out.iterdir()} == {CONFIG_FILE, LORA_FILE, HEADS_FILE, "README.md", CHECKSUM_FILE}
 
     config = AdapterConfig.load(out / CONFIG_FILE)
     policy = (config.num_modes, config.shift, config.nfe, config.timestep_ratio, config.guidance)

@@ -68,3 +68,11 @@ def test_the_message_is_printed_by_the_first_rank_only(monkeypatch, capsys) -> N
             command()
         assert stopped.value.code == 1
         assert (capsys.readouterr().err == "arcflow: error: model.pretrained: org/model cannot be fetched\n") is printed
+
+
+def test_a_local_folder_without_transformer_is_named(tmp_path) -> None:
+    (tmp_path / "text_encoder").mkdir()
+    with pytest.raises(ModelUnavailable, match=rf"model.pretrained: local folder {tmp_path} has no "
+                                               r"transformer/config.json"):
+        require_pretrained(tmp_path, subfolder="transformer")
+    require_pretrained(tmp_path)  # a text encoder's folder needs no transformer/

@@ -73,6 +73,22 @@ class PromptTable:
         return digest.hexdigest()
 
 
+def _check_text_file(file: Path) -> None:
+    """A text prompt file must hold something and be UTF-8; say which file and line otherwise (``datasets``
+    says ``StopIteration`` for an empty file, and decodes other encodings silently wrong or fails namelessly)."""
+    empty = True
+    with open(file, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"prompt file {file} line {number}: not UTF-8 text (byte {line[err.start]:#04x} "
+                                 f"at column {err.start + 1}); convert the file to UTF-8") from None
+            empty = empty and not text.strip()
+    if empty:
+        raise ValueError(f"prompt file {file} is empty: expected one prompt per line or row")
+
+
 def _read_local(path: Path) -> tuple[pa.Table, str]:
     """A file, or a folder of files of one supported format, via the matching ``datasets`` builder."""
     import datasets
@@ -92,6 +108,9 @@ def _read_local(path: Path) -> tuple[pa.Table, str]:
                              f"(expected one of {', '.join(sorted(LOCAL_BUILDERS))})")
         builders = {LOCAL_BUILDERS[path.suffix.lower()]}
     builder = builders.pop()
+    if builder != "parquet":
+        for file in files:
+            _check_text_file(file)
     try:
         dataset = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as err:  # datasets wraps parse errors in its own types; name the file for the user

@@ -58,7 +58,7 @@ def check_family_of_pretrained(pretrained: str | Path, family: str, key: str, as
 
 def build_backbone(cfg: ModelConfig, device: torch.device, head_seed: int = 0) -> Backbone:
     """The configured teacher, with the student built on it (frozen weights in ``cfg.dtype``)."""
-    require_pretrained(cfg.pretrained)
+    require_pretrained(cfg.pretrained, subfolder="transformer")
     check_family_of_pretrained(cfg.pretrained, cfg.backbone, "model.pretrained", f"model.backbone='{cfg.backbone}'")
     return get_family(cfg.backbone).backbone.from_config(cfg, device, head_seed)
 

@@ -194,8 +194,9 @@ def adapter_file(path_or_hub_id: str | Path, filename: str, subfolder: str | Non
     if local.is_dir():
         if not (local / filename).is_file():
             raise FileNotFoundError(f"ArcFlow adapter folder '{local}' has no {filename}")
-        recorded = read_checksums(local)  # None for a folder exported by an older arcflow
-        if recorded is not None:
+        # Tensor files only: the JSON config may be edited by hand and is checked key by key when loaded.
+        recorded = read_checksums(local) if filename.endswith(".safetensors") else None
+        if recorded is not None:  # None too for a folder exported by an older arcflow
             verify_file(local, filename, recorded, "ArcFlow adapter")
         return local / filename
     if Path(path_or_hub_id).exists():

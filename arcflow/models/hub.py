@@ -32,13 +32,17 @@ def is_local_path(pretrained: str | Path) -> bool:
     return Path(pretrained).exists() or not HUB_ID.match(str(pretrained))
 
 
-def require_pretrained(pretrained: str | Path, key: str = "model.pretrained") -> None:
-    """Fail fast with :class:`ModelUnavailable` when ``pretrained`` is neither a local folder nor a hub
-    repository this machine can read (fetching only its ``model_index.json``, which the hub cache keeps)."""
+def require_pretrained(pretrained: str | Path, key: str = "model.pretrained", subfolder: str | None = None) -> None:
+    """Fail fast with :class:`ModelUnavailable` when ``pretrained`` is neither a local folder (with
+    ``subfolder``'s config.json, if given) nor a hub repository this machine can read (fetching only its
+    ``model_index.json``, which the hub cache keeps)."""
     if is_local_path(pretrained):
         if not Path(pretrained).is_dir():
             raise ModelUnavailable(f"{key}: local folder {pretrained} does not exist (expected a diffusers "
                                    "folder with model_index.json, or a hub id such as owner/name)")
+        if subfolder and not (Path(pretrained) / subfolder / "config.json").is_file():
+            raise ModelUnavailable(f"{key}: local folder {pretrained} has no {subfolder}/config.json (expected "
+                                   f"the diffusers pipeline folder, whose {subfolder}/ holds the model)")
         return
     repo = str(pretrained)
     local = f"or point {key} at a local diffusers folder"

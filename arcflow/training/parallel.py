@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from arcflow.distributed import DistEnv
+from arcflow.distributed import DistEnv, init_single_process_group
 from arcflow.models.base import Backbone
 
 PARALLEL_MODES = ("ddp", "fsdp")
@@ -35,7 +35,9 @@ def parallelize(backbone: Backbone, mode: str, env: DistEnv, compute_dtype: torc
         # tests/test_distributed.py shows FSDP2 giving one process's update.
         for name in backbone.view_outputs_checked:
             warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \(FSDP{name}\) returned a view tensor")
-        # Sharding pays off (and is required for the memory budget) even on one rank.
+        # Sharding pays off (and is required for the memory budget) even on one rank, where FSDP2 still
+        # needs a process group: plain `python tools/train.py` gets one of this process alone.
+        init_single_process_group(env.device)
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for block in backbone.shard_units():
             fully_shard(block, mp_policy=policy)
