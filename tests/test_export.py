@@ -184,3 +184,19 @@ def test_export_refuses_non_finite_tensors(tiny_flux_dir, tmp_path):
         export_adapter(cfg, tmp_path / "big", tmp_path / "a", dtype="float16")
     assert not (tmp_path / "a").exists()
     export_adapter(cfg, tmp_path / "big", tmp_path / "a", dtype="float32")
+
+
+def test_damaged_checkpoint_is_named_by_export_and_sample(run_dir, tiny_flux_dir, tmp_path):
+    from arcflow.inference.student import load_ema_student
+
+    damaged = tmp_path / "iter_0000002"
+    shutil.copytree(ckpt.resolve_checkpoint(run_dir), damaged)
+    shard = next(damaged.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    cfg = cfg_of(tiny_flux_dir)
+    with pytest.raises(ckpt.CheckpointDamaged, match=f"'{shard}' is damaged"):
+        export_adapter(cfg, damaged, tmp_path / "a")
+    with pytest.raises(ckpt.CheckpointDamaged, match=f"'{shard}' is damaged"):
+        load_ema_student(cfg, damaged, torch.device("cpu"))

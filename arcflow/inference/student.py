@@ -57,6 +57,8 @@ def load_ema_student(cfg: RunConfig, checkpoint: str | Path, device: torch.devic
     ema = {name: p.detach() for name, p in backbone.trainable_named_parameters()}
     try:
         ckpt.load_checkpoint(path, {"ema": ema})
+    except ckpt.CheckpointDamaged:  # names the damaged file already; not a mismatch
+        raise
     except ValueError as err:
         raise ValueError(f"checkpoint '{path}' does not match config '{cfg.name}': {err}") from None
     backbone.eval()
