@@ -119,3 +119,16 @@ def test_truncated_lora_without_checksums_names_the_file(tmp_path):
     lora.write_bytes(lora.read_bytes()[:-7])
     with pytest.raises(ValueError, match=f"'{lora}' is not a readable safetensors file"):
         read_safetensors(adapter_file(folder, LORA_FILE))
+
+
+def test_checksum_cost_benchmark_projects_the_flux_checkpoint(capsys):
+    import importlib.util
+
+    script = Path(__file__).parents[1] / "benchmarks" / "checksum_cost.py"
+    spec = importlib.util.spec_from_file_location("checksum_cost", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--mib", "4"])
+    assert result["trainable_params"] > 5e8  # LoRA rank 256 on FLUX.1-dev, K = 16 heads
+    assert result["checkpoint_gib"] == pytest.approx(16 * result["trainable_params"] / 2**30)
+    assert result["projected_checksum_s"] == pytest.approx(result["checkpoint_gib"] / result["checksum_gib_s"])
