@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "arcflow"
-LAYERS = [{"config", "distributed", "images"}, {"metrics"}, {"method"}, {"models"}, {"pipelines", "data"},
+LAYERS = [{"config", "distributed", "images", "checksums"}, {"metrics"}, {"method"}, {"models"}, {"pipelines", "data"},
           {"training"}, {"inference"}, {"evaluation", "demo"}, {"cli"}]
 """Lowest first; a module may import its own part and any part of a lower layer."""
 
