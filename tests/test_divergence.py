@@ -103,3 +103,15 @@ def test_unwritable_work_dir_is_found_before_the_model_loads(tiny_flux_dir, tmp_
         train(blocker / "run", tiny_flux_dir, total_iters=1)
     with pytest.raises(PermissionError, match=f"checkpoint dir '{blocker / 'ckpt'}' is not writable"):
         check_writable(blocker / "ckpt", "checkpoint dir")
+
+
+def test_a_failing_save_names_the_path_and_leaves_nothing(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(tmp_path, 1, {"model": {"w": torch.ones(2)}}, {}, DistEnv())
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.dcp, "save", disk_full)
+    with pytest.raises(OSError, match=rf"cannot write checkpoint '{tmp_path}/.iter_0000002.partial'.*No space left"):
+        ckpt.save_checkpoint(tmp_path, 2, {"model": {"w": torch.ones(2)}}, {}, DistEnv())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001"]

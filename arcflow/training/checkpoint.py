@@ -181,12 +181,20 @@ def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[st
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
         tmp.mkdir(parents=True)
     env.barrier()
-    with _quiet_without_process_group():
-        dcp.save(tensors, checkpoint_id=str(tmp))
-    env.barrier()
+    try:
+        with _quiet_without_process_group():
+            dcp.save(tensors, checkpoint_id=str(tmp))  # a failure on any rank raises on every rank
+        env.barrier()
+        if env.is_main:
+            (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
+            write_checksums(tmp)
+    except (OSError, CheckpointException) as err:  # a full or read-only disk, named with its path
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = _failure_cause(err) if isinstance(err, CheckpointException) else err
+        raise OSError(f"cannot write checkpoint '{tmp}' (kept the earlier ones): {type(cause).__name__}: "
+                      f"{cause}") from None
     if env.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps({"iteration": iteration, **state}, indent=1))
-        write_checksums(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
