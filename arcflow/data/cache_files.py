@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -36,12 +37,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name, fsync, rename: readers see all of it or nothing."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file written under a temporary name, fsynced and renamed: readers see all of it or nothing, and a
+    failure leaves nothing behind."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +52,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` under a temporary name, fsync, rename: readers see all of it or nothing."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 # -- JSON with its own hash --------------------------------------------------------------------------
@@ -96,24 +105,15 @@ def write_safetensors(path: Path, tensors: dict[str, tuple[np.dtype, list[int], 
     encoded += b" " * (-len(encoded) % 8)
     prefix = struct.pack("<Q", len(encoded)) + encoded
     digest = hashlib.sha256(prefix)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(prefix)
-            for name in order:
-                for part in tensors[name][2]:
-                    digest.update(part)
-                    f.write(part)
-            sha = digest.hexdigest()
-            f.seek(prefix.index(_HASH_KEY + _HASH_PLACEHOLDER.encode()) + len(_HASH_KEY))
-            f.write(sha.encode())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as f:
+        f.write(prefix)
+        for name in order:
+            for part in tensors[name][2]:
+                digest.update(part)
+                f.write(part)
+        sha = digest.hexdigest()
+        f.seek(prefix.index(_HASH_KEY + _HASH_PLACEHOLDER.encode()) + len(_HASH_KEY))
+        f.write(sha.encode())
     return sha, len(prefix) + offset
 
 
