@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from arcflow.config import load_config
 from arcflow.models import build_backbone
 from arcflow.models.base import ADAPTER_NAME
+from arcflow.models.flux.backbone import FluxBackbone
 from arcflow.models.lora_dropout import (DropoutKeys, HashDropout, _row_keys, chain_int, drop, drop_fused, hash32,
-                                         hash32_int, keep_mask)
+                                         hash32_int, int32_pattern, keep_mask, keep_threshold)
 
 DEMO = "configs/demo/arcflux_tiny_2nfe.py"
 
@@ -29,20 +31,28 @@ def reference_mask(shape: tuple[int, ...], p: float, samples: list[int], seed: i
     for size in shape[1:-1]:
         rows *= size
     layer_key = chain_int(seed, iteration, call, layer)
-    threshold = round(p * 2**32)
+    threshold = round(p * 2**31)
     out = torch.zeros(batch, rows, features, dtype=torch.bool)
     for b in range(batch):
-        sample_key = hash32_int(hash32_int(samples[b]) ^ layer_key)
+        sample_key = hash32_int(hash32_int(samples[b] % 2**32) ^ layer_key)
         for t in range(rows):
             row = hash32_int(hash32_int(t) ^ sample_key)
             for f in range(features):
-                out[b, t, f] = hash32_int(hash32_int(f ^ 0x9E3779B9) ^ row) >= threshold
+                out[b, t, f] = hash32_int(hash32_int(f ^ 0x9E3779B9) ^ row) % 2**31 >= threshold
     return out.view(shape)
 
 
 def test_hash32_tensor_matches_the_integer_definition():
+    """int32 patterns: products wrap, shifts are made logical; eager (vectorised body and scalar tail)
+    and compiled must equal the unsigned definition on values that overflow every step."""
+    generator = torch.Generator().manual_seed(0)
     values = [0, 1, 2, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 123456789, 2**32 - 2]
-    assert hash32(torch.tensor(values)).tolist() == [hash32_int(v) for v in values]
+    values += torch.randint(0, 2**32, (4099,), generator=generator, dtype=torch.int64).tolist()
+    expected = [int32_pattern(hash32_int(v)) for v in values]
+    patterns = torch.tensor([int32_pattern(v) for v in values], dtype=torch.int32)
+    for n in (len(values), 7):
+        assert hash32(patterns[:n].clone()).tolist() == expected[:n]
+    assert torch.compile(hash32, dynamic=True)(patterns.clone()).tolist() == expected
     assert hash32_int(0) == 0 and hash32_int(1) != 1  # a bijection fixing 0, mixing everything else
 
 
@@ -125,10 +135,66 @@ def test_the_fused_kernel_equals_the_eager_definition():
         k = keys(list(range(5, 5 + shape[0])))
         row, g = _row_keys(torch.Size(shape), k, 3, torch.device("cpu"))
         x = torch.randn(shape, requires_grad=True)
-        eager = drop(x, row, g, round(0.3 * 2**32), 1 / 0.7)
-        fused = drop_fused()(x, row, g, round(0.3 * 2**32), 1 / 0.7)
+        eager = drop(x, row, g, keep_threshold(0.3), 1 / 0.7)
+        fused = drop_fused()(x, row, g, keep_threshold(0.3), 1 / 0.7)
         assert torch.equal(fused, eager)
         assert torch.equal(eager != 0, keep_mask(torch.Size(shape), 0.3, k, 3, torch.device("cpu")))
         (grad_fused,) = torch.autograd.grad(fused.sum(), x)
         (grad_eager,) = torch.autograd.grad(eager.sum(), x)
         assert torch.equal(grad_fused, grad_eager)
+
+
+def test_backward_makes_the_mask_again_instead_of_saving_it():
+    """Nothing of the input's size is kept from forward to backward: only the (B, T) and (F,) keys."""
+    k = keys([3, 4])
+    x = torch.randn(2, 32, 64, requires_grad=True)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = HashDropout(0.25, 1, k)(x)
+    assert saved and all(shape.numel() < x[0].numel() for shape in saved), saved
+    grad_out = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, grad_out)
+    torch.testing.assert_close(grad, torch.where(keep_mask(x.shape, 0.25, k, 1, x.device), grad_out / 0.75, 0.0))
+
+
+def _student_step(backbone: nn.Module, cast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], set[torch.dtype]]:
+    """Output, LoRA gradients and the dtypes the dropout modules saw, of one bf16 student forward-backward."""
+    for layer in backbone._lora_layers:
+        layer.cast_input_dtype_enabled = cast
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_pre_hook(lambda _, args: seen.add(args[0].dtype))
+             for m in backbone.modules() if isinstance(m, HashDropout)]
+    backbone.zero_grad()
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = {"prompt_embeds": torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(2)),
+            "pooled_prompt_embeds": torch.randn(2, 32, generator=torch.Generator().manual_seed(3))}
+    policy = backbone.student_policy(x, torch.tensor([1.0, 0.6]), cond)
+    out = torch.cat([policy.means.flatten(), policy.logits.flatten()])
+    out.square().sum().backward()
+    for hook in hooks:
+        hook.remove()
+    grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if "lora_" in n and p.grad is not None}
+    return out.detach(), grads, seen
+
+
+def test_bf16_lora_inputs_skip_peft_fp32_round_trip_without_changing_a_bit():
+    """Under bf16 autocast lora_A computes in bf16 whatever it is given: peft's cast of the input to the
+    fp32 adapter weights (then dropout on fp32) only adds traffic. Skipping it changes no output bit."""
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    backbone = FluxBackbone(transformer.to(torch.bfloat16), num_modes=4, lora_rank=4, lora_alpha=4,
+                            lora_dropout=0.25, compute_dtype=torch.bfloat16)
+    for name, p in backbone.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+    assert all(not layer.cast_input_dtype_enabled for layer in backbone._lora_layers)
+    backbone.dropout_keys.set(iteration=2, call=1, samples=torch.tensor([5, 9]))
+    out_skip, grads_skip, seen_skip = _student_step(backbone, cast=False)
+    out_cast, grads_cast, seen_cast = _student_step(backbone, cast=True)
+    assert seen_skip == {torch.bfloat16} and torch.float32 in seen_cast
+    assert torch.equal(out_skip, out_cast)
+    assert grads_skip.keys() == grads_cast.keys() and len(grads_skip) > 0
+    for name in grads_skip:
+        assert torch.equal(grads_skip[name], grads_cast[name]), name

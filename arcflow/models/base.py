@@ -233,6 +233,12 @@ class TransformerBackbone(Backbone):
         # peft's disable_adapters() also flips requires_grad on every call; the teacher only
         # needs the adapters bypassed, so the flag is set on the LoRA layers directly.
         self._lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+        if compute_dtype != torch.float32:
+            # Under autocast lora_A computes in compute_dtype whatever it is given, so peft's cast of each
+            # LoRA input to the fp32 adapter weights' dtype is a round trip: two passes over the input (and
+            # dropout on fp32) forward and backward that change no bit of the result.
+            for layer in self._lora_layers:
+                layer.cast_input_dtype_enabled = False
 
     @classmethod
     def lora_target_regex(cls, transformer: nn.Module) -> str:

@@ -4,16 +4,18 @@ peft draws LoRA dropout masks from the process's global RNG, so they depend on h
 is split over ranks and micro-batches. :class:`HashDropout` replaces peft's dropout module in
 every LoRA layer and computes each mask on the device with a counter-based hash instead: the
 same sample gets the same mask whatever the split, no RNG state needs saving, and a recomputed
-forward (gradient checkpointing) gets its masks again.
+forward (gradient checkpointing) or the backward gets its masks again.
 
 The hash is ``hash32``, a 32-bit multiply-xorshift finaliser (constants 0x21f0aaad and
-0x735a2d97, C. Wellons' hash-prospector), on int64 tensors holding 32-bit values: both
-multipliers are below 2**31, so no product overflows and every backend computes it exactly.
-For an input of shape (B, ..., F) (rows ``t`` of the middle dimensions, flattened) element
-(b, t, f) of sample ``s_b`` is kept iff ``hash32(g[f] ^ row[b, t]) >= round(p * 2**32)``, with
+0x735a2d97, C. Wellons' hash-prospector). Tensors hold the 32-bit patterns as int32: products
+wrap modulo 2**32 on every backend and right shifts are made logical by masking off the copied
+sign bits, so the tensor version equals the Python-integer definition bit for bit, in half the
+bytes of int64 and, inside a GPU kernel, without emulated 64-bit multiplies. For an input of
+shape (B, ..., F) (rows ``t`` of the middle dimensions, flattened) element (b, t, f) of sample
+``s_b`` is kept iff ``hash32(g[f] ^ row[b, t]) mod 2**31 >= round(p * 2**31)``, with
 
     layer_key  = chain(seed, iteration, call, layer)        (Python integers, once per forward)
-    sample_key = hash32(hash32(s_b) ^ layer_key)
+    sample_key = hash32(hash32(s_b mod 2**32) ^ layer_key)
     row[b, t]  = hash32(hash32(t) ^ sample_key)             (B x T values)
     g[f]       = hash32(f ^ 0x9e3779b9)                     (F values, cached)
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +35,8 @@ from torch import Tensor, nn
 MASK32 = 0xFFFFFFFF
 MULTIPLIERS = (0x21F0AAAD, 0x735A2D97)
 FEATURE_SALT = 0x9E3779B9
+KEEP_BITS = 31
+"""A hash's low 31 bits decide: as int32 they are a non-negative value on every backend."""
 
 
 def hash32_int(x: int) -> int:
@@ -54,13 +59,24 @@ def chain_int(*values: int) -> int:
     return state
 
 
+def int32_pattern(x: int) -> int:
+    """The int32 value with the bits of the 32-bit pattern ``x``."""
+    x &= MASK32
+    return x - 2**32 if x >= 2**31 else x
+
+
 def hash32(x: Tensor) -> Tensor:
-    """``hash32`` of every element of an int64 tensor of 32-bit values (a new tensor)."""
-    x = x ^ (x >> 16)
-    x.mul_(MULTIPLIERS[0]).bitwise_and_(MASK32)
-    x.bitwise_xor_(x >> 15)
-    x.mul_(MULTIPLIERS[1]).bitwise_and_(MASK32)
-    return x.bitwise_xor_(x >> 15)
+    """``hash32`` of every element of an int32 tensor of 32-bit patterns (a new tensor)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x.mul_(MULTIPLIERS[0])
+    x.bitwise_xor_((x >> 15) & 0x1FFFF)
+    x.mul_(MULTIPLIERS[1])
+    return x.bitwise_xor_((x >> 15) & 0x1FFFF)
+
+
+def keep_threshold(p: float) -> int:
+    """Elements whose hash has its low 31 bits below this are dropped (a fraction ``p`` of them)."""
+    return round(p * 2**KEEP_BITS)
 
 
 class DropoutKeys:
@@ -86,35 +102,60 @@ def _row_keys(shape: torch.Size, keys: DropoutKeys, layer: int, device: torch.de
         raise RuntimeError(f"LoRA dropout in training mode needs the batch's global sample indices "
                            f"(DropoutKeys.set) for its {shape[0]} rows, got {got}")
     rows = shape[1:-1].numel()
-    layer_key = chain_int(keys.seed, keys.iteration, keys.call, layer)
-    sample_key = hash32(hash32(samples.to(device, torch.int64) & MASK32) ^ layer_key)
-    row = hash32(hash32(torch.arange(rows, device=device)).view(1, rows) ^ sample_key.view(-1, 1))
+    layer_key = int32_pattern(chain_int(keys.seed, keys.iteration, keys.call, layer))
+    low_words = samples.to(device, torch.int64) & MASK32
+    sample_patterns = torch.where(low_words >= 2**31, low_words - 2**32, low_words).to(torch.int32)
+    sample_key = hash32(hash32(sample_patterns) ^ layer_key)
+    row = hash32(hash32(torch.arange(rows, device=device, dtype=torch.int32)).view(1, rows) ^ sample_key.view(-1, 1))
     return row, _feature_hashes(shape[-1], device)
 
 
-def _element_hashes(row: Tensor, g: Tensor) -> Tensor:
-    """(B, T, F): ``hash32(g[f] ^ row[b, t])``."""
-    return hash32(g.view(1, 1, -1) ^ row.unsqueeze(-1))
+def _kept(row: Tensor, g: Tensor, threshold: int) -> Tensor:
+    """(B, T, F) booleans: ``hash32(g[f] ^ row[b, t]) mod 2**31 >= threshold``."""
+    return (hash32(g.view(1, 1, -1) ^ row.unsqueeze(-1)) & (2**KEEP_BITS - 1)) >= threshold
 
 
 def keep_mask(shape: torch.Size, p: float, keys: DropoutKeys, layer: int, device: torch.device) -> Tensor:
     """Boolean keep mask of an input of ``shape`` = (B, ..., F) in layer ``layer`` (see the module docstring)."""
     row, g = _row_keys(shape, keys, layer, device)
-    return (_element_hashes(row, g) >= round(p * 2**32)).view(shape)
+    return _kept(row, g, keep_threshold(p)).view(shape)
 
 
 def drop(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
     """``x`` (B, T, F) with the elements whose hash is below ``threshold`` zeroed and the rest scaled."""
-    return torch.where(_element_hashes(row, g) >= threshold, x * scale, 0.0)
+    return torch.where(_kept(row, g, threshold), x * scale, 0.0)
 
 
 @functools.cache
 def drop_fused() -> Callable[[Tensor, Tensor, Tensor, int, float], Tensor]:
     """:func:`drop` as one kernel (``torch.compile``, built on first use). Eager, every hash step is a
-    pass over an int64 tensor the size of the input, many times the cost of ``nn.Dropout``; fused, it
-    reads the input and writes the output once, like ``nn.Dropout``. The arithmetic is exact integer
-    arithmetic, so both give the same result."""
+    pass over an int32 tensor the size of the input, many times the cost of ``nn.Dropout``; fused, it
+    reads the input and writes the output once, like ``nn.Dropout``, and keeps the hash in registers.
+    The arithmetic is exact integer arithmetic, so both give the same result."""
     return torch.compile(drop, dynamic=True, fullgraph=True)
+
+
+def _drop_on_device(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
+    apply = drop_fused() if x.is_cuda else drop
+    return apply(x, row, g, threshold, scale)
+
+
+class _HashDropFunction(torch.autograd.Function):
+    """Dropout's gradient is the same masking applied to the output gradient, and the mask is a
+    function of the keys, so backward makes it again instead of keeping a boolean mask of every
+    LoRA layer's input alive from forward to backward: one pass of the gradient, nothing saved
+    but the (B, T) and (F,) keys."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
+        ctx.save_for_backward(row, g)
+        ctx.threshold, ctx.scale = threshold, scale
+        return _drop_on_device(x, row, g, threshold, scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        row, g = ctx.saved_tensors
+        return _drop_on_device(grad, row, g, ctx.threshold, ctx.scale), None, None, None, None
 
 
 _FEATURES: dict[tuple[int, torch.device], Tensor] = {}
@@ -124,13 +165,15 @@ def _feature_hashes(features: int, device: torch.device) -> Tensor:
     """``g[f]``, computed once per (width, device)."""
     key = (features, device)
     if key not in _FEATURES:
-        _FEATURES[key] = hash32(torch.arange(features, device=device) ^ FEATURE_SALT)
+        salt = int32_pattern(FEATURE_SALT)
+        _FEATURES[key] = hash32(torch.arange(features, device=device, dtype=torch.int32) ^ salt)
     return _FEATURES[key]
 
 
 class HashDropout(nn.Module):
     """``nn.Dropout(p)`` with masks from :func:`keep_mask`; the identity in eval mode. On CUDA the
-    mask is made and applied by :func:`drop_fused`; elsewhere eagerly (CPU runs are small)."""
+    mask is made and applied by :func:`drop_fused`, in forward and again in backward; elsewhere
+    eagerly (CPU runs are small)."""
 
     def __init__(self, p: float, layer: int, keys: DropoutKeys):
         super().__init__()
@@ -142,9 +185,8 @@ class HashDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         row, g = _row_keys(x.shape, self.keys, self.layer, x.device)
-        apply = drop_fused() if x.is_cuda else drop
-        out = apply(x.reshape(row.shape[0], row.shape[1], g.shape[0]), row, g, round(self.p * 2**32),
-                    1.0 / (1.0 - self.p))
+        rows = x.reshape(row.shape[0], row.shape[1], g.shape[0])
+        out = _HashDropFunction.apply(rows, row, g, keep_threshold(self.p), 1.0 / (1.0 - self.p))
         return out.view(x.shape)
 
     def extra_repr(self) -> str:
