@@ -43,7 +43,7 @@ TINY_DIRS = ("data/demo/tiny-flux", "data/demo/tiny-qwen-image")
 TEXT = "data (text encoding or cache read)"
 TEACHER = "teacher forwards"
 STUDENT_FORWARD = "student forward"
-DROPOUT = "LoRA dropout masks (in the student forward)"
+DROPOUT = "LoRA dropout masks (student forward and backward)"
 STUDENT_BACKWARD = "student backward"
 ROLLOUT = "policy and rollout math"
 OPTIMIZER = "optimizer step (+ clip, EMA)"
@@ -119,9 +119,10 @@ def instrumented(trainer: Trainer, timer: ExclusiveTimer) -> Iterator[None]:
         (backbone, "student_policy", timer.timed(ROLLOUT, backbone.student_policy)),
         (backbone, "_forward", forward),
         (arcflow.training.trainer, "segment_loss", timer.timed(ROLLOUT, arcflow.training.trainer.segment_loss)),
-        # Making and applying the masks (keys, hashes, the product); their backward is the student's.
+        # Making and applying the masks (keys, hashes, the product), in forward and again in backward.
         (lora_dropout, "_row_keys", timer.timed(DROPOUT, lora_dropout._row_keys)),
-        (lora_dropout, "drop", timer.timed(DROPOUT, lora_dropout.drop)),
+        (lora_dropout, "_kept", timer.timed(DROPOUT, lora_dropout._kept)),
+        (lora_dropout, "apply_mask", timer.timed(DROPOUT, lora_dropout.apply_mask)),
         (torch.Tensor, "backward", timer.timed(STUDENT_BACKWARD, torch.Tensor.backward)),
         (torch.nn.utils, "clip_grad_norm_", timer.timed(OPTIMIZER, torch.nn.utils.clip_grad_norm_)),
         (trainer.optimizer, "step", timer.timed(OPTIMIZER, trainer.optimizer.step)),

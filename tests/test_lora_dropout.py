@@ -8,7 +8,7 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 
 from arcflow.config import load_config
-from arcflow.models import build_backbone
+from arcflow.models import build_backbone, lora_dropout
 from arcflow.models.base import ADAPTER_NAME
 from arcflow.models.flux.backbone import FluxBackbone
 from arcflow.models.lora_dropout import (DropoutKeys, HashDropout, _row_keys, chain_int, drop, drop_fused, hash32,
@@ -144,14 +144,17 @@ def test_the_fused_kernel_equals_the_eager_definition():
         assert torch.equal(grad_fused, grad_eager)
 
 
-def test_backward_makes_the_mask_again_instead_of_saving_it():
-    """Nothing of the input's size is kept from forward to backward: only the (B, T) and (F,) keys."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_backward_masks_the_gradient_and_fused_saves_nothing_of_the_input_size(fused, monkeypatch):
+    """Fused (CUDA; compiled for the CPU here) nothing of the input's size is kept from forward to
+    backward, only the (B, T) and (F,) keys: backward makes the mask again. Eager keeps the mask."""
+    monkeypatch.setattr(lora_dropout, "fused_on", lambda _: fused)
     k = keys([3, 4])
     x = torch.randn(2, 32, 64, requires_grad=True)
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         y = HashDropout(0.25, 1, k)(x)
-    assert saved and all(shape.numel() < x[0].numel() for shape in saved), saved
+    assert saved and all(shape.numel() < x[0].numel() for shape in saved) == fused, saved
     grad_out = torch.randn_like(y)
     (grad,) = torch.autograd.grad(y, x, grad_out)
     torch.testing.assert_close(grad, torch.where(keep_mask(x.shape, 0.25, k, 1, x.device), grad_out / 0.75, 0.0))

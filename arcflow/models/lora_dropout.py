@@ -123,7 +123,7 @@ def keep_mask(shape: torch.Size, p: float, keys: DropoutKeys, layer: int, device
 
 def drop(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
     """``x`` (B, T, F) with the elements whose hash is below ``threshold`` zeroed and the rest scaled."""
-    return torch.where(_kept(row, g, threshold), x * scale, 0.0)
+    return apply_mask(x, _kept(row, g, threshold), scale)
 
 
 @functools.cache
@@ -135,27 +135,41 @@ def drop_fused() -> Callable[[Tensor, Tensor, Tensor, int, float], Tensor]:
     return torch.compile(drop, dynamic=True, fullgraph=True)
 
 
-def _drop_on_device(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
-    apply = drop_fused() if x.is_cuda else drop
-    return apply(x, row, g, threshold, scale)
+def fused_on(x: Tensor) -> bool:
+    """Whether the masks of ``x`` are made by :func:`drop_fused` (on CUDA) rather than eagerly."""
+    return x.is_cuda
+
+
+def apply_mask(x: Tensor, keep: Tensor, scale: float) -> Tensor:
+    """``x`` where ``keep``, scaled; zero elsewhere (eager dropout with a given mask)."""
+    return torch.where(keep, x * scale, 0.0)
 
 
 class _HashDropFunction(torch.autograd.Function):
-    """Dropout's gradient is the same masking applied to the output gradient, and the mask is a
-    function of the keys, so backward makes it again instead of keeping a boolean mask of every
-    LoRA layer's input alive from forward to backward: one pass of the gradient, nothing saved
-    but the (B, T) and (F,) keys."""
+    """Dropout's gradient is the same masking applied to the output gradient. Fused, the hash costs
+    registers rather than passes, so backward makes the mask again instead of keeping a boolean
+    mask of every LoRA layer's input alive from forward to backward (nothing saved but the (B, T)
+    and (F,) keys). Eager, the hash is a dozen passes over the input's size, so the mask is kept."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
-        ctx.save_for_backward(row, g)
-        ctx.threshold, ctx.scale = threshold, scale
-        return _drop_on_device(x, row, g, threshold, scale)
+        ctx.scale, ctx.threshold, ctx.fused = scale, threshold, fused_on(x)
+        if ctx.fused:
+            ctx.save_for_backward(row, g)
+            return drop_fused()(x, row, g, threshold, scale)
+        keep = _kept(row, g, threshold)
+        ctx.save_for_backward(keep)
+        return apply_mask(x, keep, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        row, g = ctx.saved_tensors
-        return _drop_on_device(grad, row, g, ctx.threshold, ctx.scale), None, None, None, None
+        if ctx.fused:
+            row, g = ctx.saved_tensors
+            grad_x = drop_fused()(grad, row, g, ctx.threshold, ctx.scale)
+        else:
+            (keep,) = ctx.saved_tensors
+            grad_x = apply_mask(grad, keep, ctx.scale)
+        return grad_x, None, None, None, None
 
 
 _FEATURES: dict[tuple[int, torch.device], Tensor] = {}
@@ -173,7 +187,7 @@ def _feature_hashes(features: int, device: torch.device) -> Tensor:
 class HashDropout(nn.Module):
     """``nn.Dropout(p)`` with masks from :func:`keep_mask`; the identity in eval mode. On CUDA the
     mask is made and applied by :func:`drop_fused`, in forward and again in backward; elsewhere
-    eagerly (CPU runs are small)."""
+    eagerly, once (CPU runs are small)."""
 
     def __init__(self, p: float, layer: int, keys: DropoutKeys):
         super().__init__()
