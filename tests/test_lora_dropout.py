@@ -201,3 +201,25 @@ def test_bf16_lora_inputs_skip_peft_fp32_round_trip_without_changing_a_bit():
     assert grads_skip.keys() == grads_cast.keys() and len(grads_skip) > 0
     for name in grads_skip:
         assert torch.equal(grads_skip[name], grads_cast[name]), name
+
+
+def test_a_failing_compiler_falls_back_to_the_same_masks_with_one_warning(monkeypatch):
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "/bin/false"))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    torch._dynamo.reset()
+    drop_fused.cache_clear()
+    try:
+        k = keys([1, 2])
+        x = torch.randn(2, 5, 24)
+        row, g = _row_keys(x.shape, k, 0, x.device)
+        with pytest.warns(UserWarning, match="could not be compiled .*C\\+\\+ compiler.*eager masks") as caught:
+            first = drop_fused()(x, row, g, keep_threshold(0.3), 1 / 0.7)
+            second = drop_fused()(x, row, g, keep_threshold(0.3), 1 / 0.7)
+        assert sum("LoRA dropout" in str(w.message) for w in caught) == 1
+        assert torch.equal(first, drop(x, row, g, keep_threshold(0.3), 1 / 0.7)) and torch.equal(first, second)
+    finally:
+        torch._dynamo.reset()
+        drop_fused.cache_clear()

@@ -26,6 +26,7 @@ Kept elements are scaled by 1 / (1 - p), as in ``nn.Dropout``.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -131,8 +132,22 @@ def drop_fused() -> Callable[[Tensor, Tensor, Tensor, int, float], Tensor]:
     """:func:`drop` as one kernel (``torch.compile``, built on first use). Eager, every hash step is a
     pass over an int32 tensor the size of the input, many times the cost of ``nn.Dropout``; fused, it
     reads the input and writes the output once, like ``nn.Dropout``, and keeps the hash in registers.
-    The arithmetic is exact integer arithmetic, so both give the same result."""
-    return torch.compile(drop, dynamic=True, fullgraph=True)
+    The arithmetic is exact integer arithmetic, so both give the same result, which is why a machine
+    whose compiler fails (no Triton, no C++ compiler) falls back to :func:`drop` with one warning."""
+    kernel: Callable[[Tensor, Tensor, Tensor, int, float], Tensor] = torch.compile(drop, dynamic=True,
+                                                                                   fullgraph=True)
+
+    def run(x: Tensor, row: Tensor, g: Tensor, threshold: int, scale: float) -> Tensor:
+        nonlocal kernel
+        try:
+            return kernel(x, row, g, threshold, scale)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            warnings.warn(f"LoRA dropout: the fused mask kernel could not be compiled ({reason.strip()}); using "
+                          f"the eager masks: the same masks, several times the memory traffic", stacklevel=2)
+            kernel = drop
+            return drop(x, row, g, threshold, scale)
+    return run
 
 
 def fused_on(x: Tensor) -> bool:
