@@ -15,9 +15,10 @@ from mmengine.config import DictAction
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from arcflow.config import ConfigError, RunConfig, load_config, resolve_dirs
+from arcflow.data.cache_files import CacheError
 from arcflow.distributed import destroy_distributed, init_distributed
 from arcflow.inference.commands import add_export_arguments, add_generate_arguments, run_export, run_generate
-from arcflow.models.hub import ModelUnavailable, reports_unavailable_model
+from arcflow.models.hub import ModelUnavailable, report_once, reports_unavailable_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 """The checkout this package runs from (installed with ``pip install -e .``): configs/ and assets/ are there."""
@@ -86,6 +87,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         raise SystemExit(f"arcflow: error: {err}") from None
 
 
+def _cache_remedy(config: str) -> str:
+    return (f"`arcflow cache verify {config}` lists every damaged file, and rerunning the cache command "
+            "rebuilds exactly those; the run resumes from its last checkpoint")
+
+
 @record
 @reports_unavailable_model
 def run_train(args: argparse.Namespace) -> RunConfig:
@@ -98,7 +104,17 @@ def run_train(args: argparse.Namespace) -> RunConfig:
     except RuntimeError as err:  # a launch that does not match --launcher: one line, before any work
         raise SystemExit(f"arcflow: error: {err}") from None
     try:
-        Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)
+    except CacheError as err:  # every rank reads the same manifest, index and negative file
+        destroy_distributed(graceful=False)
+        report_once(f"{err} ({_cache_remedy(args.config)})")
+    try:
+        trainer.fit()
+    except CacheError as err:  # a shard only this rank reads: said by this rank
+        print(f"arcflow: error: rank {env.rank}/{env.world_size}: {err} ({_cache_remedy(args.config)})",
+              file=sys.stderr, flush=True)
+        destroy_distributed(graceful=False)
+        raise SystemExit(1) from None
     except BaseException as err:
         if isinstance(err, Exception) and not isinstance(err, ModelUnavailable):
             print(f"[arcflow] rank {env.rank}/{env.world_size} failed: {type(err).__name__}: {err}",

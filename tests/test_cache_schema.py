@@ -316,3 +316,26 @@ def test_flipped_bytes_anywhere_are_named_never_read_as_data(qwen_setup, tmp_pat
         except CacheError as err:
             assert path.name in str(err), (offset, err)
         shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("victim", ["manifest.json", "shards/shard_000000.safetensors"])
+def test_training_on_a_damaged_cache_stops_with_one_line_naming_the_file(qwen_setup, tmp_path, capsys, victim):
+    """The manifest is read by every rank before training (said once); a shard by the rank whose rows
+    it holds, during training (said by that rank). Either way: the file, what to do, no traceback."""
+    setup = copy_cache(qwen_setup, tmp_path)
+    path = Path(setup["opts"]["data.data_root"]) / "train" / victim
+    if victim == "manifest.json":
+        flip(path, path.read_bytes().index(b'"num_prompts": ') + 16)
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    options = {**setup["opts"], "data.cache": "always", "train_cfg.batch_size": 4, "total_iters": 4,
+               "val_cfg.num_prompts": 2, "eval_interval": 0, "save_interval": 1000}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        arcflow_main(["train", str(setup["config"]), "--work-dir", str(tmp_path / "run"),
+                      "--cfg-options", *[f"{k}={v}" for k, v in options.items()]])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("arcflow: error:")]
+    assert len(lines) == 1 and path.name in lines[0] and f"arcflow cache verify {setup['config']}" in lines[0]
+    assert ("rank 0/1" in lines[0]) == (victim != "manifest.json")

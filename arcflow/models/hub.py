@@ -63,7 +63,7 @@ def require_pretrained(pretrained: str | Path, key: str = "model.pretrained", su
                                f"this machine and log in, {local}") from None
 
 
-def report_once(err: ModelUnavailable) -> NoReturn:
+def report_once(err: Exception | str) -> NoReturn:
     """Print the message on the job's first rank only (every rank finds the same fault), then exit 1."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"arcflow: error: {err}", flush=True, file=sys.stderr)
