@@ -25,7 +25,7 @@ import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from huggingface_hub import hf_hub_download
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -34,7 +34,8 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from arcflow.checksums import read_checksums, verify_file
-from arcflow.models.base import ADAPTER_NAME, OutputSwitch, student_output_layers
+from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
+from arcflow.models.base import ADAPTER_NAME, OutputSwitch, pack, policy_from_tokens, student_output_layers, unpack
 
 CONFIG_FILE = "arcflow_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -334,6 +335,54 @@ class ArcFlowAdapterMixin:
                 self._arcflow_warned = self._arcflow_warned | {key}
                 warnings.warn(f"ArcFlow adapter: {why}; expect worse images (this warning is shown once)",
                               UserWarning, stacklevel=4)
+
+    def student_schedule(self, num_inference_steps: int | None, timestep_ratio: float | None, height: int | None,
+                         width: int | None, max_sequence_length: int | None,
+                         default_text_length: int) -> tuple[list[tuple[float, float]], int, int, int]:
+        """The segments (raw-time bounds) of the student's evaluations, the image size and the text length
+        of a call: every setting left out is the one the adapter records it was trained with."""
+        config = self.arcflow_config
+        num_steps = config.nfe if num_inference_steps is None else num_inference_steps
+        if num_steps < 2:
+            raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
+        bounds = segment_bounds(num_steps, config.timestep_ratio if timestep_ratio is None else timestep_ratio)
+        default_height, default_width = config.default_size or (self.default_sample_size * self.vae_scale_factor,) * 2
+        return (bounds, height or default_height, width or default_width,
+                max_sequence_length or config.max_sequence_length or default_text_length)
+
+    def run_student(self, latents: Tensor, bounds: list[tuple[float, float]], height: int, width: int,
+                    prompt_embeds: Tensor, predict: Callable[[Tensor, Tensor, Tensor], Tensor],
+                    callback_on_step_end: Callable[..., dict[str, Tensor]] | None,
+                    tensor_inputs: list[str]) -> Tensor:
+        """The student's evaluations on packed float32 ``latents`` (B, N, C): ``predict(latents, sigma,
+        prompt_embeds)`` is the family's transformer call (its per-token output), whose policy is integrated exactly
+        over each segment on the adapter's shift, the state staying float32 as in the trainer's sampler;
+        ``callback_on_step_end`` is called as diffusers pipelines call it."""
+        config = self.arcflow_config
+        batch = latents.shape[0]
+        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
+        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
+        self._num_timesteps = len(bounds)
+        with self.progress_bar(total=len(bounds)) as progress_bar:
+            for i, (tau_a, tau_b) in enumerate(bounds):
+                if self.interrupt:
+                    continue
+                sigma_a = full_batch(shifted_sigma(tau_a, config.shift), batch, latents)
+                sigma_b = full_batch(shifted_sigma(tau_b, config.shift), batch, latents)
+                self._current_timestep = sigma_a[0] * 1000
+                tokens = predict(latents, sigma_a, prompt_embeds)
+                policy = policy_from_tokens(tokens.float(), config.num_modes, latent_h, latent_w, sigma_a)
+                x = unpack(latents, latent_h, latent_w)[:, 0]
+                latents = pack(policy.integrate(x, sigma_a, sigma_b))
+                if callback_on_step_end is not None:
+                    values = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback_on_step_end(self, i, self._current_timestep,
+                                                   {k: values[k] for k in tensor_inputs})
+                    latents = outputs.pop("latents", latents).float()
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+        return latents
 
     def unload_arcflow_adapter(self) -> None:
         """Give back the plain teacher: original output layers, the "arcflow" LoRA removed."""

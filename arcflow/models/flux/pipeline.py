@@ -14,9 +14,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
 from arcflow.models.adapter import ArcFlowAdapterMixin
-from arcflow.models.base import pack, policy_from_tokens, unpack
 
 TEACHER_DEFAULT_STEPS = 28
 """FluxPipeline's default, used when no adapter is loaded."""
@@ -62,8 +60,9 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         on the adapter's fixed shift. Every setting left out is the one the student was trained
         with, as its adapter records: guidance, number of evaluations, T5 text length
         (``max_sequence_length``) and image size (the most frequent training size); asking for
-        anything else works but warns once, since the student never saw it. ``latents`` are packed (B, N, 64) as in FluxPipeline and stay
-        float32 throughout; ``output_type="latent"`` returns them packed, in float32.
+        anything else works but warns once, since the student never saw it. ``latents`` are packed
+        (B, N, 64) as in FluxPipeline and stay float32 throughout; ``output_type="latent"`` returns
+        them packed, in float32.
 
         Without an adapter this is ``FluxPipeline.__call__`` (the teacher), and ``teacher_kwargs``
         (``sigmas``, ``negative_prompt``, ``true_cfg_scale``, ...) are passed on to it.
@@ -85,15 +84,10 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
             raise TypeError(f"{sorted(teacher_kwargs)} only apply to the multi-step teacher, not the ArcFlow student")
         config = self.arcflow_config
         self.check_arcflow_active()
-        num_steps = config.nfe if num_inference_steps is None else num_inference_steps
-        if num_steps < 2:
-            raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
-        bounds = segment_bounds(num_steps, config.timestep_ratio if timestep_ratio is None else timestep_ratio)
-        default_height, default_width = config.default_size or (self.default_sample_size * self.vae_scale_factor,) * 2
-        height, width = height or default_height, width or default_width
-        max_sequence_length = max_sequence_length or config.max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH
+        bounds, height, width, max_sequence_length = self.student_schedule(
+            num_inference_steps, timestep_ratio, height, width, max_sequence_length, TEACHER_DEFAULT_TEXT_LENGTH)
         self.warn_outside_training(
-            size=(height, width), nfe=num_steps, timestep_ratio=timestep_ratio, guidance=guidance_scale,
+            size=(height, width), nfe=len(bounds), timestep_ratio=timestep_ratio, guidance=guidance_scale,
             max_sequence_length=max_sequence_length if prompt_embeds is None else prompt_embeds.shape[1])
         self.check_inputs(prompt, prompt_2, height, width, prompt_embeds=prompt_embeds,
                           pooled_prompt_embeds=pooled_prompt_embeds,
@@ -102,7 +96,6 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         self._joint_attention_kwargs = joint_attention_kwargs or {}
         self._current_timestep = None
         self._interrupt = False
-        self._num_timesteps = num_steps
 
         device = self._execution_device
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
@@ -113,36 +106,20 @@ class ArcFluxPipeline(ArcFlowAdapterMixin, FluxPipeline):
         # The state stays float32 between evaluations, as in the trainer's sampler.
         latents, image_ids = self.prepare_latents(batch, self.transformer.config.in_channels // 4, height, width,
                                                   torch.float32, device, generator, latents)
-        latent_h = 2 * (int(height) // (self.vae_scale_factor * 2))
-        latent_w = 2 * (int(width) // (self.vae_scale_factor * 2))
         dtype = self.transformer.dtype
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), self._guidance_scale, device=device, dtype=torch.float32)
 
-        with self.progress_bar(total=num_steps) as progress_bar:
-            for i, (tau_a, tau_b) in enumerate(bounds):
-                if self.interrupt:
-                    continue
-                sigma_a = full_batch(shifted_sigma(tau_a, config.shift), batch, latents)
-                sigma_b = full_batch(shifted_sigma(tau_b, config.shift), batch, latents)
-                self._current_timestep = sigma_a[0] * 1000
-                tokens = self.transformer(
-                    hidden_states=latents.to(dtype), timestep=sigma_a, guidance=guidance,
-                    pooled_projections=pooled_prompt_embeds.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
-                    txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
-                    return_dict=False)[0]
-                policy = policy_from_tokens(tokens.float(), config.num_modes, latent_h, latent_w, sigma_a)
-                x = unpack(latents, latent_h, latent_w)[:, 0]
-                latents = pack(policy.integrate(x, sigma_a, sigma_b))
-                if callback_on_step_end is not None:
-                    values = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    outputs = callback_on_step_end(self, i, self._current_timestep,
-                                                   {k: values[k] for k in tensor_inputs})
-                    latents = outputs.pop("latents", latents).float()
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                progress_bar.update()
-        self._current_timestep = None
+        def predict(state: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=state.to(dtype), timestep=sigma, guidance=guidance,
+                pooled_projections=pooled_prompt_embeds.to(dtype), encoder_hidden_states=prompt_embeds.to(dtype),
+                txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs=self._joint_attention_kwargs,
+                return_dict=False)[0]
+
+        latents = self.run_student(latents, bounds, height, width, prompt_embeds, predict, callback_on_step_end,
+                                   tensor_inputs)
 
         if output_type == "latent":
             image = latents

@@ -16,9 +16,8 @@ from diffusers import QwenImagePipeline
 from diffusers.pipelines.qwenimage.pipeline_output import QwenImagePipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from arcflow.method.schedule import full_batch, segment_bounds, shifted_sigma
 from arcflow.models.adapter import ArcFlowAdapterMixin
-from arcflow.models.base import PATCH, pack, policy_from_tokens, unpack
+from arcflow.models.base import PATCH
 
 TEACHER_DEFAULT_TEXT_LENGTH = 512
 """QwenImagePipeline's default text length, used without an adapter (or with a format-1 one)."""
@@ -64,7 +63,8 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
         ``guidance_scale`` is the family's teacher guidance, so callers can pass one value to every
         family: the student distilled it (the adapter's value is accepted, another is an error), and
         the teacher runs it as true CFG against the empty prompt. Without an adapter this is
-        ``QwenImagePipeline.__call__`` (the teacher), and ``teacher_kwargs`` (``negative_prompt``, ``true_cfg_scale``, ``sigmas``, ...) are passed on to it.
+        ``QwenImagePipeline.__call__`` (the teacher), and ``teacher_kwargs`` (``negative_prompt``,
+        ``true_cfg_scale``, ``sigmas``, ...) are passed on to it.
         """
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         if self.arcflow_config is None:
@@ -88,22 +88,16 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
             raise ValueError(f"guidance_scale={guidance_scale}: this student distilled its teacher's true CFG at "
                              f"{config.guidance} and takes no guidance input; leave guidance_scale out")
         self.check_arcflow_active()
-        num_steps = config.nfe if num_inference_steps is None else num_inference_steps
-        if num_steps < 2:
-            raise ValueError(f"num_inference_steps must be >= 2 for the ArcFlow student, got {num_steps}")
-        bounds = segment_bounds(num_steps, config.timestep_ratio if timestep_ratio is None else timestep_ratio)
-        default_height, default_width = config.default_size or (self.default_sample_size * self.vae_scale_factor,) * 2
-        height, width = height or default_height, width or default_width
-        max_sequence_length = max_sequence_length or config.max_sequence_length or TEACHER_DEFAULT_TEXT_LENGTH
+        bounds, height, width, max_sequence_length = self.student_schedule(
+            num_inference_steps, timestep_ratio, height, width, max_sequence_length, TEACHER_DEFAULT_TEXT_LENGTH)
         self.warn_outside_training(
-            size=(height, width), nfe=num_steps, timestep_ratio=timestep_ratio,
+            size=(height, width), nfe=len(bounds), timestep_ratio=timestep_ratio,
             max_sequence_length=max_sequence_length if prompt_embeds is None else None)
         self.check_inputs(prompt, height, width, prompt_embeds=prompt_embeds, prompt_embeds_mask=prompt_embeds_mask,
                           callback_on_step_end_tensor_inputs=tensor_inputs, max_sequence_length=max_sequence_length)
         self._attention_kwargs = attention_kwargs or {}
         self._current_timestep = None
         self._interrupt = False
-        self._num_timesteps = num_steps
 
         device = self._execution_device
         prompt_embeds, prompt_embeds_mask = self.encode_prompt(
@@ -118,28 +112,14 @@ class ArcQwenImagePipeline(ArcFlowAdapterMixin, QwenImagePipeline):
         img_shapes = [[(1, latent_h // PATCH, latent_w // PATCH)]] * batch
         dtype = self.transformer.dtype
 
-        with self.progress_bar(total=num_steps) as progress_bar:
-            for i, (tau_a, tau_b) in enumerate(bounds):
-                if self.interrupt:
-                    continue
-                sigma_a = full_batch(shifted_sigma(tau_a, config.shift), batch, latents)
-                sigma_b = full_batch(shifted_sigma(tau_b, config.shift), batch, latents)
-                self._current_timestep = sigma_a[0] * 1000
-                tokens = self.transformer(
-                    hidden_states=latents.to(dtype), timestep=sigma_a, encoder_hidden_states=prompt_embeds.to(dtype),
-                    encoder_hidden_states_mask=prompt_embeds_mask, img_shapes=img_shapes,
-                    attention_kwargs=self._attention_kwargs, return_dict=False)[0]
-                policy = policy_from_tokens(tokens.float(), config.num_modes, latent_h, latent_w, sigma_a)
-                x = unpack(latents, latent_h, latent_w)[:, 0]
-                latents = pack(policy.integrate(x, sigma_a, sigma_b))
-                if callback_on_step_end is not None:
-                    values = {"latents": latents, "prompt_embeds": prompt_embeds}
-                    outputs = callback_on_step_end(self, i, self._current_timestep,
-                                                   {k: values[k] for k in tensor_inputs})
-                    latents = outputs.pop("latents", latents).float()
-                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
-                progress_bar.update()
-        self._current_timestep = None
+        def predict(state: torch.Tensor, sigma: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+            return self.transformer(
+                hidden_states=state.to(dtype), timestep=sigma, encoder_hidden_states=prompt_embeds.to(dtype),
+                encoder_hidden_states_mask=prompt_embeds_mask, img_shapes=img_shapes,
+                attention_kwargs=self._attention_kwargs, return_dict=False)[0]
+
+        latents = self.run_student(latents, bounds, height, width, prompt_embeds, predict, callback_on_step_end,
+                                   tensor_inputs)
 
         if output_type == "latent":
             image = latents
