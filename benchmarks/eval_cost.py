@@ -19,12 +19,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from arcflow.models.flux.backbone import FLUX_DEV_TRANSFORMER
+
 H100_BF16_FLOPS = 989e12
 UTILISATION = {"transformer": 0.45, "vae": 0.3, "metrics": 0.2}
 """Assumed fractions of the peak: large matmuls do best; convolutions at small batch less."""
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 layers_per_block=2, use_quant_conv=False, use_post_quant_conv=False)
@@ -81,7 +80,7 @@ def flux_flops() -> dict[str, float]:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel(**FLUX_DEV)
+        transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
         vae = AutoencoderKL(**FLUX_VAE)
         tokens, text = 64 * 64, 512
         hidden = torch.zeros(1, tokens, 64)

@@ -43,16 +43,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 
 from arcflow.inference.export import split_student_state, student_ema_shapes, write_adapter
 from arcflow.models.adapter import AdapterConfig
-from arcflow.models.flux.backbone import LORA_TARGETS
+from arcflow.models.flux.backbone import FLUX_DEV_TRANSFORMER, LORA_TARGETS
 from arcflow.models.flux.tiny import make_tiny_flux
 from arcflow.pipelines import ArcFluxPipeline
 
-# Published configs of black-forest-labs/FLUX.1-dev (transformer/, vae/), openai/clip-vit-large-patch14's
-# text tower and google/t5-v1_1-xxl's encoder.
-FLUX_DEV_TRANSFORMER: dict[str, Any] = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56))
+# Published configs of black-forest-labs/FLUX.1-dev's vae/ (its transformer/: FLUX_DEV_TRANSFORMER),
+# openai/clip-vit-large-patch14's text tower and google/t5-v1_1-xxl's encoder.
 FLUX_DEV_VAE: dict[str, Any] = dict(
     in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
