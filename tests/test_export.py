@@ -168,8 +168,13 @@ def test_adapter_config_errors_name_file_and_key(tmp_path):
     path.write_text(json.dumps({**good, "nfe": 1}))
     with pytest.raises(ValueError, match="nfe=1"):
         AdapterConfig.load(path)
+    path.write_text(json.dumps({**good, "format": "another-adapter"}))
+    with pytest.raises(ValueError, match="format='another-adapter'"):
+        AdapterConfig.load(path)
     path.write_text(json.dumps(good))
-    assert AdapterConfig.load(path).num_modes == 4
+    assert AdapterConfig.load(path).num_modes == 4 and AdapterConfig.load(path).format == "arcflow-adapter"
+    path.write_text(json.dumps({**good, "family": "qwen_image", "format": "arcflow-flux-adapter"}))  # arcflow <= 0.1
+    assert AdapterConfig.load(path).family == "qwen_image"
 
 
 def test_export_refuses_non_finite_tensors(tiny_flux_dir, tmp_path):

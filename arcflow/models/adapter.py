@@ -40,7 +40,9 @@ from arcflow.models.base import ADAPTER_NAME, OutputSwitch, pack, policy_from_to
 CONFIG_FILE = "arcflow_config.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 HEADS_FILE = "arcflow_heads.safetensors"
-FORMAT = "arcflow-flux-adapter"
+FORMAT = "arcflow-adapter"
+READABLE_FORMATS = (FORMAT, "arcflow-flux-adapter")
+"""What adapters of every family were written as before the name stopped saying FLUX still loads."""
 FORMAT_VERSION = 2
 """2 records what the student was trained with (text length, resolutions); 1 did not and still loads."""
 READABLE_VERSIONS = (1, 2)
@@ -86,7 +88,7 @@ class AdapterConfig:
             "num_modes": self.num_modes >= 1, "shift": self.shift > 0, "nfe": self.nfe >= 2,
             "timestep_ratio": self.timestep_ratio > 0, "total_substeps": self.total_substeps >= 1,
             "lora_rank": self.lora_rank >= 1, "lora_alpha": self.lora_alpha > 0,
-            "dtype": self.dtype in DTYPES, "format": self.format == FORMAT,
+            "dtype": self.dtype in DTYPES, "format": self.format in READABLE_FORMATS,
             "format_version": self.format_version in READABLE_VERSIONS,
             "max_sequence_length": recorded,
             "resolutions": recorded and all(h > 0 and w > 0 for h, w in self.resolutions),
