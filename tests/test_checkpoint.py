@@ -42,7 +42,7 @@ def test_partial_folders_are_ignored(tmp_path):
     save(tmp_path, 10)
     (tmp_path / ".iter_0000020.partial").mkdir()  # a save killed mid-way
     (tmp_path / "iter_0000030").mkdir()  # no state.json
-    assert ckpt.latest_checkpoint(tmp_path).name == "iter_0000010"
+    assert [path.name for _, path in ckpt.list_checkpoints(tmp_path)] == ["iter_0000010"]
     assert ckpt.resolve_checkpoint(tmp_path).name == "iter_0000010"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from arcflow.checksums import CHECKSUM_FILE, DamagedFile
+from arcflow.checksums import CHECKSUM_FILE, DamagedFile, read_checksums
 from arcflow.distributed import DistEnv
 from arcflow.models.adapter import CONFIG_FILE, HEADS_FILE, LORA_FILE, adapter_file, read_safetensors
 from arcflow.training import checkpoint as ckpt
@@ -55,6 +55,10 @@ def test_flipped_bytes_in_any_checkpoint_file_are_caught_and_resume_falls_back(t
             with pytest.warns(UserWarning, match=f"{name}.*resuming from an earlier checkpoint"):
                 chosen = ckpt.latest_good_checkpoint(root, DistEnv())
             assert chosen == root / "iter_0000001", (where, caught.value)
+            # sample / export / eval given the run dir: the same fallback; given the folder, load names the damage
+            with pytest.warns(UserWarning, match=f"{name}.*using an earlier checkpoint"):
+                assert ckpt.resolve_checkpoint(root) == root / "iter_0000001", where
+            assert ckpt.resolve_checkpoint(root / "iter_0000002") == root / "iter_0000002"
 
 
 def test_truncated_or_missing_shard_is_named(tmp_path):
@@ -132,3 +136,23 @@ def test_checksum_cost_benchmark_projects_the_flux_checkpoint(capsys):
     assert result["trainable_params"] > 5e8  # LoRA rank 256 on FLUX.1-dev, K = 16 heads
     assert result["checkpoint_gib"] == pytest.approx(16 * result["trainable_params"] / 2**30)
     assert result["projected_checksum_s"] == pytest.approx(result["checkpoint_gib"] / result["checksum_gib_s"])
+
+
+def test_a_checkpoint_is_hashed_once_per_process_until_a_file_changes(tmp_path, monkeypatch):
+    """``sample``/``export`` pick a checkpoint (checking it) and then load it: its files are hashed once."""
+    import arcflow.checksums
+
+    template, _ = _checkpoint_files(tmp_path)
+    hashed: list[str] = []
+    real = arcflow.checksums.file_sha256
+    monkeypatch.setattr(arcflow.checksums, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    latest = template / "iter_0000002"
+    assert ckpt.resolve_checkpoint(template) == latest
+    files = len(hashed)
+    assert files == len(read_checksums(latest)) > 0
+    ckpt.load_checkpoint(latest, _tensors(0.0))
+    assert len(hashed) == files
+    shard = next(latest.glob("*.distcp"))
+    flip_byte(shard, random.Random(0))
+    with pytest.raises(DamagedFile, match=shard.name):
+        ckpt.load_checkpoint(latest, _tensors(0.0))

@@ -157,12 +157,37 @@ def first_non_finite(tensors: dict[str, Any]) -> str | None:
     return None
 
 
+_VERIFIED: set[tuple[str, tuple[tuple[str, int, int], ...]]] = set()
+"""Checkpoint folders this process found intact, with each file's (name, size, mtime): one command that
+picks a checkpoint and then loads it hashes its files once, and a file changed since is checked again."""
+
+
+def _file_signature(path: Path) -> tuple[str, tuple[tuple[str, int, int], ...]]:
+    stats = ((f.name, f.stat()) for f in path.iterdir() if f.is_file())
+    return str(path.resolve()), tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+
+
 def verify_checkpoint(path: str | Path) -> None:
     """Raise :class:`CheckpointDamaged` naming the file unless every file matches its recorded checksum."""
     path = Path(path)
+    signature = _file_signature(path)
+    if signature in _VERIFIED:
+        return
     if not verify_folder(path, "checkpoint"):
         warnings.warn(f"checkpoint '{path}' records no checksums (saved by an older arcflow): its bytes cannot be "
                       f"checked", UserWarning, stacklevel=2)
+        return
+    _VERIFIED.add(signature)
+
+
+def check_checkpoint(path: Path) -> None:
+    """Every check short of loading: the files' checksums, the index, the JSON state."""
+    verify_checkpoint(path)
+    read_metadata(path)
+    try:
+        json.loads((path / STATE_FILE).read_text())
+    except ValueError as err:
+        raise CheckpointDamaged(f"checkpoint file '{path / STATE_FILE}' is damaged: {err}") from None
 
 
 def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],
@@ -255,11 +280,6 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1][1] if found else None
-
-
 def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | None:
     """Collective: the newest checkpoint whose files match their checksums, checked by rank 0 only.
 
@@ -269,8 +289,7 @@ def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | N
     if env.is_main:
         for iteration, path in reversed(found):
             try:
-                verify_checkpoint(path)
-                read_metadata(path)
+                check_checkpoint(path)
             except (CheckpointDamaged, ValueError) as err:
                 log.warning("skipping checkpoint %s: %s", path.name, err)
                 warnings.warn(f"{err}; resuming from an earlier checkpoint", UserWarning, stacklevel=2)
@@ -282,14 +301,24 @@ def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | N
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run's work/checkpoint dir meaning its latest checkpoint."""
+    """A checkpoint folder (as given: loading it names any damage), or a run's work/checkpoint dir meaning
+    its newest intact checkpoint: a damaged newer one is skipped with a warning naming the file."""
     path = Path(path)
     if (path / STATE_FILE).is_file():
         return path
     for candidate in (path, path / "checkpoints"):
-        latest = latest_checkpoint(candidate)
-        if latest is not None:
-            return latest
+        found = list_checkpoints(candidate)
+        newest_error: CheckpointDamaged | ValueError | None = None
+        for _, checkpoint in reversed(found):
+            try:
+                check_checkpoint(checkpoint)
+            except (CheckpointDamaged, ValueError) as err:
+                newest_error = newest_error or err
+                warnings.warn(f"{err}; using an earlier checkpoint", UserWarning, stacklevel=2)
+                continue
+            return checkpoint
+        if newest_error is not None:
+            raise newest_error
     raise FileNotFoundError(f"no checkpoint at '{path}' (expected an iter_* folder or a run dir holding them)")
 
 
