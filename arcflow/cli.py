@@ -103,17 +103,17 @@ def run_train(args: argparse.Namespace) -> RunConfig:
         env = init_distributed(args.launcher)
     except RuntimeError as err:  # a launch that does not match --launcher: one line, before any work
         raise SystemExit(f"arcflow: error: {err}") from None
+    trainer = None
     try:
         trainer = Trainer(cfg, env)
-    except CacheError as err:  # every rank reads the same manifest, index and negative file
-        destroy_distributed(graceful=False)
-        report_once(f"{err} ({_cache_remedy(args.config)})")
-    try:
         trainer.fit()
-    except CacheError as err:  # a shard only this rank reads: said by this rank
-        print(f"arcflow: error: rank {env.rank}/{env.world_size}: {err} ({_cache_remedy(args.config)})",
-              file=sys.stderr, flush=True)
+    except CacheError as err:
         destroy_distributed(graceful=False)
+        remedy = _cache_remedy(args.config)
+        if trainer is None:  # before training every rank reads the same manifest, index and negative file
+            report_once(f"{err} ({remedy})")
+        # during training, a shard only this rank reads: said by this rank
+        print(f"arcflow: error: rank {env.rank}/{env.world_size}: {err} ({remedy})", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     except BaseException as err:
         if isinstance(err, Exception) and not isinstance(err, ModelUnavailable):

@@ -180,14 +180,18 @@ def verify_checkpoint(path: str | Path) -> None:
     _VERIFIED.add(signature)
 
 
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except ValueError as err:
+        raise CheckpointDamaged(f"checkpoint file '{path / STATE_FILE}' is damaged: {err}") from None
+
+
 def check_checkpoint(path: Path) -> None:
     """Every check short of loading: the files' checksums, the index, the JSON state."""
     verify_checkpoint(path)
     read_metadata(path)
-    try:
-        json.loads((path / STATE_FILE).read_text())
-    except ValueError as err:
-        raise CheckpointDamaged(f"checkpoint file '{path / STATE_FILE}' is damaged: {err}") from None
+    _read_state(path)
 
 
 def save_checkpoint(checkpoint_dir: str | Path, iteration: int, tensors: dict[str, Any], state: dict[str, Any],
@@ -244,10 +248,7 @@ def load_checkpoint(path: str | Path, tensors: dict[str, Any], verify: bool = Tr
     if verify:
         verify_checkpoint(path)
     metadata = read_metadata(path)
-    try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except ValueError as err:
-        raise CheckpointDamaged(f"checkpoint file '{path / STATE_FILE}' is damaged: {err}") from None
+    state = _read_state(path)
     wanted = {name for name, _ in _leaves(tensors)}
     missing = sorted(wanted - set(metadata.state_dict_metadata))
     if missing:
@@ -280,6 +281,19 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _intact_newest_first(found: list[tuple[int, Path]], then: str) -> Iterator[tuple[int, Path]]:
+    """The checkpoints of ``found`` that pass :func:`check_checkpoint`, newest first; each damaged one
+    met on the way is logged and warned about ("<what is wrong>; <then>")."""
+    for iteration, path in reversed(found):
+        try:
+            check_checkpoint(path)
+        except (CheckpointDamaged, ValueError) as err:
+            log.warning("skipping checkpoint %s: %s", path.name, err)
+            warnings.warn(f"{err}; {then}", UserWarning, stacklevel=3)
+            continue
+        yield iteration, path
+
+
 def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | None:
     """Collective: the newest checkpoint whose files match their checksums, checked by rank 0 only.
 
@@ -287,15 +301,9 @@ def latest_good_checkpoint(checkpoint_dir: str | Path, env: DistEnv) -> Path | N
     found = list_checkpoints(checkpoint_dir)
     chosen = -1.0
     if env.is_main:
-        for iteration, path in reversed(found):
-            try:
-                check_checkpoint(path)
-            except (CheckpointDamaged, ValueError) as err:
-                log.warning("skipping checkpoint %s: %s", path.name, err)
-                warnings.warn(f"{err}; resuming from an earlier checkpoint", UserWarning, stacklevel=2)
-                continue
-            chosen = float(iteration)
-            break
+        intact = next(_intact_newest_first(found, "resuming from an earlier checkpoint"), None)
+        if intact is not None:
+            chosen = float(intact[0])
     chosen = all_reduce_max(chosen, env)
     return next((path for iteration, path in found if iteration == chosen), None)
 
@@ -308,17 +316,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     for candidate in (path, path / "checkpoints"):
         found = list_checkpoints(candidate)
-        newest_error: CheckpointDamaged | ValueError | None = None
-        for _, checkpoint in reversed(found):
-            try:
-                check_checkpoint(checkpoint)
-            except (CheckpointDamaged, ValueError) as err:
-                newest_error = newest_error or err
-                warnings.warn(f"{err}; using an earlier checkpoint", UserWarning, stacklevel=2)
-                continue
-            return checkpoint
-        if newest_error is not None:
-            raise newest_error
+        intact = next(_intact_newest_first(found, "using an earlier checkpoint"), None)
+        if intact is not None:
+            return intact[1]
+        if found:  # none is intact: the newest one's error
+            check_checkpoint(found[-1][1])
     raise FileNotFoundError(f"no checkpoint at '{path}' (expected an iter_* folder or a run dir holding them)")
 
 
