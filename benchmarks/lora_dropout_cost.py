@@ -36,6 +36,7 @@ from torch import nn
 
 from arcflow.config import load_config
 from arcflow.models import lora_dropout
+from arcflow.models.base import ADAPTER_NAME, train_lora
 from arcflow.models.lora_dropout import DropoutKeys, keep_threshold
 
 FLUX_CONFIG = "configs/flux/arcflux_2nfe_k16.py"
@@ -108,14 +109,13 @@ def lora_layer(rank: int, p: float, arcflow: bool, keys: DropoutKeys) -> nn.Modu
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(*PROJ_OUT).to(torch.bfloat16))
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=p, target_modules=["0"],
-                                       init_lora_weights="gaussian"), model)
-    layer = model[0]
-    for name, param in layer.named_parameters():
-        if "lora_" in name:
-            param.data = param.data.float()
-    if arcflow:
-        lora_dropout.install_hash_dropout(model, "default", keys)
-        layer.cast_input_dtype_enabled = False
+                                       init_lora_weights="gaussian"), model, adapter_name=ADAPTER_NAME)
+    if arcflow:  # what the student's backbone does to its LoRA
+        train_lora(model, keys, torch.bfloat16)
+    else:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = param.data.float()
     return model.train()
 
 

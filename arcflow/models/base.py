@@ -185,6 +185,25 @@ class Backbone(nn.Module, ABC):
         return ((name, p) for name, p in self.named_parameters() if p.requires_grad)
 
 
+def train_lora(module: nn.Module, keys: DropoutKeys, compute_dtype: torch.dtype) -> list[BaseTunerLayer]:
+    """Make the peft LoRA of ``module`` the student's trainable part: fp32 adapter weights, dropout masks
+    from ``keys`` (:mod:`arcflow.models.lora_dropout`), inputs left in ``compute_dtype``. Returns the
+    LoRA layers."""
+    install_hash_dropout(module, ADAPTER_NAME, keys)
+    for name, p in module.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    if compute_dtype != torch.float32:
+        # Under autocast lora_A computes in compute_dtype whatever it is given, so peft's cast of each
+        # LoRA input to the fp32 adapter weights' dtype is a round trip: two passes over the input (and
+        # dropout on fp32) forward and backward that change no bit of the result.
+        for layer in layers:
+            layer.cast_input_dtype_enabled = False
+    return layers
+
+
 class TransformerBackbone(Backbone):
     """A diffusers transformer ending in ``norm_out`` -> ``proj_out``, made into teacher and student.
 
@@ -214,31 +233,20 @@ class TransformerBackbone(Backbone):
                                     adapter_name=ADAPTER_NAME)
         self.dropout_keys = DropoutKeys()
         """Set by the trainer before each student call: LoRA dropout masks follow the global sample index."""
-        install_hash_dropout(transformer, ADAPTER_NAME, self.dropout_keys)
+        # peft's disable_adapters() also flips requires_grad on every call; the teacher only
+        # needs the adapters bypassed, so the flag is set on the LoRA layers directly.
+        self._lora_layers = train_lora(transformer, self.dropout_keys, compute_dtype)
         teacher_proj_out = transformer.proj_out
         generator = torch.Generator().manual_seed(head_seed)
         heads = ArcFlowHeads(teacher_proj_out, num_modes, generator=generator).to(teacher_proj_out.weight.device)
         student_norm = copy.deepcopy(transformer.norm_out).float().requires_grad_(True)
         transformer.norm_out = OutputSwitch(transformer.norm_out, student_norm)
         transformer.proj_out = OutputSwitch(teacher_proj_out, heads)
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
-                p.requires_grad_(True)
         if gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         self.transformer = transformer
         self.num_modes = num_modes
         self.compute_dtype = compute_dtype
-        # peft's disable_adapters() also flips requires_grad on every call; the teacher only
-        # needs the adapters bypassed, so the flag is set on the LoRA layers directly.
-        self._lora_layers = [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-        if compute_dtype != torch.float32:
-            # Under autocast lora_A computes in compute_dtype whatever it is given, so peft's cast of each
-            # LoRA input to the fp32 adapter weights' dtype is a round trip: two passes over the input (and
-            # dropout on fp32) forward and backward that change no bit of the result.
-            for layer in self._lora_layers:
-                layer.cast_input_dtype_enabled = False
 
     @classmethod
     def lora_target_regex(cls, transformer: nn.Module) -> str:
